@@ -1,0 +1,152 @@
+"""HTTP endpoints: discovery, hooks, feedback, health. Views stay thin; the pipeline lives in ``invoke``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint
+from flask import Response
+from flask import current_app
+from flask import jsonify
+from flask import request
+
+from cds_service.errors import BadRequest
+from cds_service.errors import CdsError
+from cds_service.errors import NotFound
+from cds_service.errors import UnsupportedMediaType
+from cds_service.invoke import json_depth
+from cds_service.invoke import run_service
+from cds_service.invoke import validate
+from cds_service.registry import ServiceDefinition
+from cds_service.wire import DiscoveryResponse
+from cds_service.wire import FeedbackRequest
+
+bp = Blueprint("cds", __name__)
+log = logging.getLogger("cds_service.api")
+
+
+def services() -> Any:
+    """Return the app's ``Services`` bundle."""
+    return current_app.extensions["cds"]
+
+
+def read_json_body() -> Any:
+    """Return the parsed JSON body; 415 when it isn't JSON, 400 when it doesn't parse or nests too deep."""
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
+    try:
+        body = json.loads(request.get_data(cache=False))
+    except (ValueError, RecursionError):
+        raise BadRequest("body is not valid JSON") from None
+    limit = services().settings.max_json_depth
+    if json_depth(body) > limit:
+        raise BadRequest(f"JSON nests deeper than {limit} levels")
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def find_service(service_id: str) -> ServiceDefinition:
+    """Return the declared service with this id; 404 otherwise."""
+    definition = services().registry.get(service_id)
+    if definition is None:
+        raise NotFound(f"no CDS service with id '{service_id}'")
+    return definition
+
+
+def authenticate(path: str) -> dict[str, Any]:
+    """Verify the caller's JWT for the endpoint at ``path`` (its ``aud`` is PUBLIC_URL + path)."""
+    audience = services().settings.public_url.rstrip("/") + path
+    return services().verifier.verify(request.headers.get("Authorization"), audience)
+
+
+@bp.get("/cds-services")
+def discovery() -> Response:
+    """§Discovery: every declared service, sorted by id; open to all (no PHI)."""
+    return jsonify(DiscoveryResponse(services=services().registry.descriptors()).wire())
+
+
+@bp.post("/cds-services/<service_id>")
+def call_service(service_id: str) -> Response:
+    """§Calling a CDS Service: run the hook and answer its cards."""
+    definition = find_service(service_id)
+    authenticate(f"/cds-services/{service_id}")
+    started = time.perf_counter()
+    body = read_json_body()
+    deps = services()
+    call = None
+    status, outcome, cards = 200, "ok", 0
+    try:
+        call, response = run_service(
+            definition, body, settings=deps.settings, http=deps.http, executor=deps.executor
+        )
+        cards = len(response.cards)
+        return jsonify(response.wire())
+    except CdsError as error:
+        status, outcome = error.status, error.code
+        raise
+    except Exception:
+        status, outcome = 500, "internal-error"
+        raise
+    finally:
+        record_audit(definition.id, body, call, status, outcome, cards, started)
+
+
+def record_audit(
+    service_id: str, body: dict[str, Any], call: Any, status: int, outcome: str, cards: int, started: float
+) -> None:
+    """Write the hook's audit row; a store outage is logged, never turned into a failed hook."""
+    try:
+        services().store.add_hook_audit(
+            service_id=service_id,
+            hook_instance=str(body.get("hookInstance", ""))[:64],
+            patient_id=call.context.patient_id if call else None,
+            status=status,
+            outcome=outcome,
+            cards=cards,
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+    except Exception as exc:  # noqa: BLE001 - the audit must not break the clinician's workflow
+        log.error("could not write the hook audit record: %s", type(exc).__name__)
+
+
+@bp.post("/cds-services/<service_id>/feedback")
+def feedback(service_id: str) -> Response:
+    """§Feedback: store what the clinician did with each card; 200 with an empty object."""
+    definition = find_service(service_id)
+    authenticate(f"/cds-services/{service_id}/feedback")
+    feedback_request = validate(FeedbackRequest, read_json_body())
+    services().store.add_feedback(definition.id, feedback_request.feedback)
+    return jsonify({})
+
+
+@bp.get("/feedback/summary")
+def feedback_summary() -> Response:
+    """For operators: accepted/overridden counts per service (no PHI)."""
+    return jsonify({"services": services().store.feedback_summary()})
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process answers."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Readiness: Redis and the database answer and services are loaded; says what is missing."""
+    deps = services()
+    checks = {"services": len(deps.registry.services) > 0, "database": deps.store.ping()}
+    try:
+        checks["redis"] = bool(deps.redis.ping())
+    except Exception:  # noqa: BLE001 - any Redis failure means "not ready"
+        checks["redis"] = False
+    ready = all(checks.values())
+    body = {"status": "ready" if ready else "not-ready", "checks": checks}
+    if not ready:
+        body["missing"] = [name for name, ok in checks.items() if not ok]
+    return jsonify(body), 200 if ready else 503

@@ -1,0 +1,105 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import redis
+from flask import Flask
+from flask_cors import CORS
+
+from cds_service.auth import JwtVerifier
+from cds_service.auth import load_trust_config
+from cds_service.errors import Unauthorized
+from cds_service.logging import configure_logging
+from cds_service.registry import Registry
+from cds_service.registry import load_registry
+from cds_service.settings import Settings
+from cds_service.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class AuthDisabled:
+    """Stands in for the verifier when ``AUTH_DISABLED`` is set: accepts every call (local development only)."""
+
+    def verify(self, authorization_header: str | None, audience: str) -> dict[str, object]:
+        """Return empty claims without checking anything."""
+        return {}
+
+
+class NoTrustedIssuers:
+    """The verifier when authentication is on but no issuer is trusted: refuses every call."""
+
+    def verify(self, authorization_header: str | None, audience: str) -> dict[str, object]:
+        """Refuse: with no trusted issuer no token can be valid."""
+        log.warning("refused a call: no trusted issuers are configured (MEDGEMMA_CDS_TRUSTED_ISSUERS)")
+        raise Unauthorized("Unauthorized")
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a request handler needs besides the request; one per app, kept in ``app.extensions``."""
+
+    settings: Settings
+    registry: Registry
+    store: Store
+    redis: redis.Redis
+    http: httpx.Client
+    executor: ThreadPoolExecutor
+    verifier: JwtVerifier | AuthDisabled | NoTrustedIssuers
+
+
+def build_verifier(settings: Settings, redis_client: redis.Redis) -> JwtVerifier | AuthDisabled | NoTrustedIssuers:
+    """Return the inbound-JWT verifier the settings ask for."""
+    if settings.auth_disabled:
+        log.warning("AUTHENTICATION IS DISABLED (MEDGEMMA_CDS_AUTH_DISABLED=true): for local development only")
+        return AuthDisabled()
+    if settings.trusted_issuers is None:
+        log.warning("no trusted issuers configured: every hook and feedback call will be refused with 401")
+        return NoTrustedIssuers()
+    return JwtVerifier(load_trust_config(settings.trusted_issuers), redis_client)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the CDS service: load and check the services in ``hooks/``, wire the store, Redis and routes."""
+    settings = settings or Settings()
+    configure_logging()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    app.extensions["cds"] = Services(
+        settings=settings,
+        registry=load_registry(),
+        store=Store(settings.database_url),
+        redis=redis_client,
+        http=httpx.Client(
+            timeout=httpx.Timeout(settings.fhir_timeout_s, connect=settings.fhir_connect_timeout_s),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        ),
+        executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="prefetch"),
+        verifier=build_verifier(settings, redis_client),
+    )
+
+    # §Security / CORS: any origin, the three methods, and the two headers EHRs send (the sandbox sends
+    # Authorization even with its discovery GET).
+    CORS(
+        app,
+        origins="*",
+        methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Content-Type", "Authorization"],
+        expose_headers=["X-Request-Id"],
+        max_age=600,
+    )
+
+    from cds_service import api
+    from cds_service import errors_http
+
+    errors_http.register(app)
+    app.register_blueprint(api.bp)
+    return app

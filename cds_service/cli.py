@@ -1,0 +1,152 @@
+"""The ``medgemma-cds`` command: serve, worker, demo, build-tiny-model, load-sample-data, check, db-upgrade."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cds_service.settings import Settings
+
+SAMPLE_DATA = Path(__file__).parent / "data" / "sample"
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the API under gunicorn (never Flask's development server)."""
+    from gunicorn.app.base import BaseApplication
+
+    from cds_service.app import create_app
+    from cds_service.store import Store
+
+    settings = Settings()
+    # Migrate once in the master, before workers fork, so workers never race on the schema.
+    Store(settings.database_url).migrate()
+
+    class Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", args.workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", args.threads)
+            self.cfg.set("timeout", 60)
+            self.cfg.set("accesslog", None)
+
+        def load(self) -> Any:
+            return create_app(settings)
+
+    Gunicorn().run()
+    return 0
+
+
+def db_upgrade(args: argparse.Namespace) -> int:
+    """Apply the store's Alembic migrations."""
+    from cds_service.store import Store
+
+    Store(Settings().database_url).migrate()
+    print("database schema is up to date")
+    return 0
+
+
+def load_sample_data(args: argparse.Namespace) -> int:
+    """POST the bundled synthetic patients (transaction Bundles) to a FHIR server."""
+    import httpx
+
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    for bundle_path in sorted(SAMPLE_DATA.glob("*.json")):
+        response = httpx.post(args.fhir_base.rstrip("/"), content=bundle_path.read_bytes(), headers=headers, timeout=60)
+        if response.status_code >= 300:
+            print(f"{bundle_path.name}: FHIR server answered {response.status_code}", file=sys.stderr)
+            return 1
+        entries = response.json().get("entry", [])
+        patient = next((e["resource"]["id"] for e in entries if e.get("resource", {}).get("resourceType") == "Patient"), "")
+        print(f"{bundle_path.name}: {len(entries)} resources loaded, Patient/{patient}")
+    return 0
+
+
+def build_tiny_model(args: argparse.Namespace) -> int:
+    """Write the tiny random-weight Gemma3 checkpoint used by tests and the CPU demo."""
+    from worker.tiny_model import build_tiny_model as build
+
+    path = build(Path(args.directory), seed=args.seed)
+    print(f"tiny Gemma3 checkpoint written to {path}")
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Start a Celery worker consuming the text or image model queue."""
+    from worker.celery_app import run_worker
+
+    return run_worker(Settings(), queue=args.queue, concurrency=args.concurrency, pool=args.pool)
+
+
+def check(args: argparse.Namespace) -> int:
+    """Print the configuration (secrets hidden) and whether Redis, the database and FHIR server answer."""
+    from cds_service.readiness import readiness_report
+
+    settings = Settings()
+    report = readiness_report(settings, fhir_base=args.fhir_base)
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if report["ready"] else 1
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Start what is missing, fire both hooks for the demo patient and print the cards."""
+    from cds_service.demo import run_demo
+
+    return run_demo(port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="medgemma-cds", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the CDS Hooks API under gunicorn")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=8)
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("worker", help="run a Celery model worker")
+    p.add_argument("--queue", choices=["text", "image"], required=True)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--pool", choices=["prefork", "threads", "solo"], default="prefork")
+    p.set_defaults(func=worker)
+
+    p = sub.add_parser("demo", help="one-command local demo")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=demo)
+
+    p = sub.add_parser("build-tiny-model", help="write a tiny random Gemma3 image-text checkpoint")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=build_tiny_model)
+
+    p = sub.add_parser("load-sample-data", help="load the bundled synthetic patients into a FHIR server")
+    p.add_argument("--fhir-base", required=True)
+    p.add_argument("--token", default=None, help="bearer token for the FHIR server, if it needs one")
+    p.set_defaults(func=load_sample_data)
+
+    p = sub.add_parser("check", help="print configuration and readiness of Redis, database, FHIR server")
+    p.add_argument("--fhir-base", default=None)
+    p.set_defaults(func=check)
+
+    p = sub.add_parser("db-upgrade", help="apply database migrations")
+    p.set_defaults(func=db_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Reads from the EHR's ``fhirServer``: allowlisted, with the hook's bearer token, never following a redirect blindly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from cds_service.fhir_guard import check_fhir_server_url
+
+MAX_REDIRECTS = 3
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+class FhirReadError(Exception):
+    """A read failed; ``kind`` says how (unreachable, timeout, status, invalid), ``status`` the HTTP code if any."""
+
+    def __init__(self, kind: str, detail: str, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+
+
+def parse_resource(data: Any) -> Any:
+    """Return the fhir.resources R4B object for a resource dict; raise ValueError naming what is wrong."""
+    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+        raise ValueError("not a FHIR resource (no resourceType)")
+    try:
+        model = get_fhir_model_class(data["resourceType"])
+    except KeyError as exc:
+        raise ValueError(f"unknown resourceType {data['resourceType']!r}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"invalid {data['resourceType']} at {where or 'root'}: {first['msg']}") from None
+
+
+class FhirReader:
+    """One FHIR server as a hook sees it: base URL checked against the allowlist, optional bearer token."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        base_url: str,
+        access_token: str | None,
+        *,
+        allowlist: Sequence[str],
+        allow_http_loopback: bool,
+    ) -> None:
+        check_fhir_server_url(base_url, allowlist, allow_http_loopback)
+        self._http = http
+        self._base = base_url.rstrip("/") + "/"
+        self._token = access_token
+        self._allowlist = allowlist
+        self._allow_http_loopback = allow_http_loopback
+
+    def read(self, relative_url: str) -> tuple[Any, float]:
+        """GET ``relative_url`` under the base; return the parsed resource and the seconds it took."""
+        url = urljoin(self._base, relative_url.lstrip("/"))
+        headers = {"Accept": "application/fhir+json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        started = time.perf_counter()
+        response = self._get(url, headers)
+        elapsed = time.perf_counter() - started
+        if response.status_code >= 400:
+            raise FhirReadError("status", f"FHIR server answered {response.status_code}", response.status_code)
+        if len(response.content) > MAX_RESPONSE_BYTES:
+            raise FhirReadError("invalid", "FHIR server response is too large")
+        try:
+            return parse_resource(response.json()), elapsed
+        except ValueError as exc:
+            raise FhirReadError("invalid", f"FHIR server sent invalid FHIR: {exc}") from None
+
+    def _get(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        # Redirects are followed by hand so that every hop is checked against the allowlist before any
+        # connection (and the bearer token) goes to it.
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = self._http.get(url, headers=headers, follow_redirects=False)
+            except httpx.TimeoutException:
+                raise FhirReadError("timeout", "FHIR server did not answer in time") from None
+            except httpx.TransportError:
+                raise FhirReadError("unreachable", "FHIR server is unreachable") from None
+            if not response.is_redirect:
+                return response
+            url = urljoin(url, response.headers.get("Location", ""))
+            check_fhir_server_url(url, self._allowlist, self._allow_http_loopback)
+        raise FhirReadError("status", "FHIR server redirected too many times", 310)

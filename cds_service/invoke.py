@@ -1,0 +1,116 @@
+"""The hook pipeline after authentication: request model → context model → prefetch → handler → response model."""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import TypeVar
+
+from pydantic import BaseModel
+from pydantic import ValidationError
+
+from cds_service.errors import BadRequest
+from cds_service.fhir_client import FhirReader
+from cds_service.fhir_client import parse_resource
+from cds_service.prefetch import resolve_prefetch
+from cds_service.registry import ServiceDefinition
+from cds_service.settings import Settings
+from cds_service.wire import HOOK_CONTEXTS
+from cds_service.wire import HookCall
+from cds_service.wire import HookRequest
+from cds_service.wire import HookResponse
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate(model: type[Model], data: Any, prefix: str = "") -> Model:
+    """Return ``data`` validated as ``model``; a 400 naming each failing field (no input values echoed)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = [
+            {"field": prefix + ".".join(str(p) for p in error["loc"]), "problem": error["msg"]}
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
+        fields = ", ".join(d["field"] or "(body)" for d in details[:5])
+        raise BadRequest(f"invalid request: {fields}", details=details) from None
+
+
+def json_depth(value: Any) -> int:
+    """Return the nesting depth of a parsed JSON value (iteratively, so hostile input can't blow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
+
+
+def parse_hook_call(
+    definition: ServiceDefinition, body: Any, settings: Settings
+) -> tuple[HookRequest, Any, Any | None]:
+    """Validate a hook body for this service; return the request, its context and the parsed draftOrders."""
+    hook_request = validate(HookRequest, body)
+    if hook_request.hook != definition.hook:
+        raise BadRequest(f"service '{definition.id}' answers hook '{definition.hook}', not '{hook_request.hook}'")
+    context = validate(HOOK_CONTEXTS[definition.hook], hook_request.context, prefix="context.")
+    if len(hook_request.prefetch or {}) > settings.max_prefetch_keys:
+        raise BadRequest(f"too many prefetch keys (limit {settings.max_prefetch_keys})")
+    draft_orders = None
+    raw_orders = getattr(context, "draft_orders", None)
+    if raw_orders is not None:
+        if len(raw_orders.get("entry") or []) > settings.max_draft_orders:
+            raise BadRequest(f"too many draft orders (limit {settings.max_draft_orders})")
+        try:
+            draft_orders = parse_resource(raw_orders)
+        except ValueError as exc:
+            raise BadRequest(f"context.draftOrders is not a valid FHIR Bundle: {exc}") from None
+    return hook_request, context, draft_orders
+
+
+def run_service(
+    definition: ServiceDefinition,
+    body: Any,
+    *,
+    settings: Settings,
+    http: Any,
+    executor: Any,
+    jobs: Any | None = None,
+    on_fetch: Any = lambda seconds: None,
+) -> tuple[HookCall, HookResponse]:
+    """Run one hook call end to end (after auth) and return the call and the handler's response."""
+    hook_request, context, draft_orders = parse_hook_call(definition, body, settings)
+
+    token = hook_request.fhir_authorization.access_token if hook_request.fhir_authorization else None
+    fhir_server = hook_request.fhir_server
+
+    def open_reader() -> FhirReader:
+        # Built only when a key must be fetched: a fully prefetched call never touches fhirServer.
+        return FhirReader(
+            http,
+            fhir_server or "",
+            token.get_secret_value() if token else None,
+            allowlist=settings.fhir_server_allowlist,
+            allow_http_loopback=settings.fhir_allow_http_loopback,
+        )
+
+    prefetch = resolve_prefetch(
+        definition.prefetch,
+        hook_request.prefetch or {},
+        context,
+        open_reader if fhir_server else None,
+        executor,
+        on_fetch,
+    )
+    call = HookCall(
+        service_id=definition.id,
+        request=hook_request,
+        context=context,
+        prefetch=prefetch,
+        draft_orders=draft_orders,
+        public_url=settings.public_url.rstrip("/"),
+        jobs=jobs,
+    )
+    return call, definition.handler(call)

@@ -1,0 +1,119 @@
+"""Prefetch as CDS Hooks 2.0 §Providing FHIR Resources to a CDS Service defines it.
+
+A key the EHR sent is used as sent (``null`` = "no data", never refetched); a key it left out is read from
+``fhirServer``, all missing keys at once; data that can't be had answers 412 for ``fail`` keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from typing import Any
+
+from cds_service.errors import BadRequest
+from cds_service.errors import PrefetchFailed
+from cds_service.errors import UpstreamError
+from cds_service.errors import UpstreamTimeout
+from cds_service.fhir_client import FhirReader
+from cds_service.fhir_client import FhirReadError
+from cds_service.fhir_client import parse_resource
+from cds_service.registry import Prefetch
+from cds_service.wire import HookContext
+
+_TOKEN = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
+_USER_TOKEN_TYPES = {
+    "userPractitionerId": "Practitioner",
+    "userPractitionerRoleId": "PractitionerRole",
+    "userPatientId": "Patient",
+    "userRelatedPersonId": "RelatedPerson",
+}
+
+
+def token_values(context: HookContext) -> dict[str, str]:
+    """Return the value of every prefetch token this context can fill (§Prefetch tokens)."""
+    values = {
+        f"context.{key}": value
+        for key, value in context.model_dump(by_alias=True, exclude_none=True).items()
+        if isinstance(value, str)
+    }
+    # userId is "Practitioner/123" etc.; the user tokens carry only the id of the matching type.
+    resource_type, _, resource_id = context.user_id.partition("/")
+    for token, wanted in _USER_TOKEN_TYPES.items():
+        if resource_type == wanted:
+            values[token] = resource_id
+    return values
+
+
+def render_template(query: str, values: Mapping[str, str]) -> str | None:
+    """Return the query with its tokens replaced, or None when a token has no value in this call."""
+    missing = [t for t in _TOKEN.findall(query) if t not in values]
+    if missing:
+        return None
+    return _TOKEN.sub(lambda m: values[m.group(1)], query)
+
+
+def parse_sent_prefetch(key: str, data: dict[str, Any] | None) -> Any:
+    """Return the fhir.resources object for a prefetch value the EHR sent; 400 naming the key if it's bad."""
+    if data is None:
+        return None
+    try:
+        return parse_resource(data)
+    except ValueError as exc:
+        raise BadRequest(f"prefetch '{key}' is not valid FHIR R4: {exc}") from None
+
+
+def resolve_prefetch(
+    declared: Mapping[str, Prefetch],
+    sent: Mapping[str, dict[str, Any] | None],
+    context: HookContext,
+    open_reader: Callable[[], FhirReader] | None,
+    executor: Executor,
+    on_fetch: Callable[[float], None] = lambda seconds: None,
+) -> dict[str, Any]:
+    """Return every declared key resolved to a resource or None, fetching the missing ones concurrently."""
+    resolved: dict[str, Any] = {key: parse_sent_prefetch(key, sent[key]) for key in declared if key in sent}
+    values = token_values(context)
+    to_fetch: dict[str, str] = {}
+    for key, prefetch in declared.items():
+        if key in resolved:
+            continue
+        query = render_template(prefetch.query, values)
+        if query is None:
+            # An optional context field (e.g. encounterId) is absent: there is nothing to ask for.
+            resolved[key] = None
+        elif open_reader is None:
+            if prefetch.failure_mode == "fail":
+                raise PrefetchFailed(key, "not prefetched and the request has no fhirServer")
+            resolved[key] = None
+        else:
+            to_fetch[key] = query
+    futures = {}
+    if to_fetch and open_reader is not None:
+        reader = open_reader()
+        futures = {key: executor.submit(reader.read, query) for key, query in to_fetch.items()}
+    failures: list[tuple[str, FhirReadError]] = []
+    for key, future in futures.items():
+        try:
+            resource, seconds = future.result()
+            on_fetch(seconds)
+            resolved[key] = resource
+        except FhirReadError as exc:
+            if declared[key].failure_mode == "omit":
+                resolved[key] = None
+            else:
+                failures.append((key, exc))
+    if failures:
+        raise _failure_to_error(*failures[0])
+    return resolved
+
+
+def _failure_to_error(key: str, error: FhirReadError) -> Exception:
+    # Data that exists but cannot be had (unreachable, refused, not found) is the spec's 412; a server that
+    # breaks or stalls mid-answer is a gateway problem (502/504) the EHR should see as such.
+    if error.kind == "timeout":
+        return UpstreamTimeout(f"FHIR server timed out reading prefetch '{key}'")
+    if error.kind == "invalid" or (error.status is not None and error.status >= 500):
+        return UpstreamError(f"FHIR server failed reading prefetch '{key}': {error.detail}")
+    return PrefetchFailed(key, error.detail)

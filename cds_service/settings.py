@@ -1,0 +1,69 @@
+"""Settings of the service and its workers, read once from ``MEDGEMMA_CDS_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings
+from pydantic_settings import SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the API and the Celery workers are built from the same object.
+
+    Defaults are the embedded ones: Redis on localhost, a SQLite file, no model downloaded
+    until a worker needs one.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MEDGEMMA_CDS_", frozen=True, extra="ignore")
+
+    # Where things run
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "sqlite:///medgemma-cds.db"
+    public_url: str = Field(
+        default="http://127.0.0.1:8080",
+        description="Base URL EHRs call; JWT `aud` is checked against {public_url}/cds-services/{id}.",
+    )
+
+    # Models (Hugging Face id or a local folder)
+    text_model: str = "google/medgemma-27b-text-it"
+    text_model_revision: str | None = None
+    image_model: str = "google/medgemma-4b-it"
+    image_model_revision: str | None = None
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    max_new_tokens: int = Field(default=768, ge=16, le=8192)
+    max_batch_size: int = Field(default=8, ge=1, le=64)
+    batch_wait_ms: int = Field(default=10, ge=0, le=1000)
+    hf_token: SecretStr | None = None
+
+    # Hook behaviour
+    hook_budget_ms: int = Field(default=1500, ge=0, le=60_000)
+    result_ttl_s: int = Field(default=24 * 3600, ge=60)
+    fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    fhir_connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+    # Security
+    auth_disabled: bool = False
+    trusted_issuers: Path | None = Field(
+        default=None, description="JSON or YAML file: {'issuers': {iss: {jwks_file | jwks_uri, ...}}}"
+    )
+    fhir_server_allowlist: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes (scheme://host[:port]/path) a request's fhirServer must start with.",
+    )
+    fhir_allow_http_loopback: bool = False
+    fhir_writeback_url: str | None = None
+
+    # Limits
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(default=64, ge=8)
+    max_prefetch_keys: int = Field(default=32, ge=1)
+    max_draft_orders: int = Field(default=100, ge=1)
+    max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1024)
+
+    # Worker
+    task_soft_time_limit_s: int = Field(default=300, ge=5)
+    task_time_limit_s: int = Field(default=360, ge=10)

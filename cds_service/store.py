@@ -1,0 +1,172 @@
+"""The durable store (SQLAlchemy 2): feedback and the hook audit trail; survives restarts, unlike Redis."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import JSON
+from sqlalchemy import DateTime
+from sqlalchemy import Integer
+from sqlalchemy import String
+from sqlalchemy import Text
+from sqlalchemy import create_engine
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import text
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import Mapped
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import mapped_column
+from sqlalchemy.orm import sessionmaker
+
+from cds_service.wire import FeedbackItem
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def patient_hash(patient_id: str) -> str:
+    """Return a one-way hash of a patient id, for audit rows that must not hold identifiers."""
+    return hashlib.sha256(patient_id.encode()).hexdigest()[:32]
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the store's tables."""
+
+
+class FeedbackRecord(Base):
+    """One feedback item an EHR sent for a card (§Feedback)."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    service_id: Mapped[str] = mapped_column(String(128), index=True)
+    card_uuid: Mapped[str] = mapped_column(String(128), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    accepted_suggestions: Mapped[list[str]] = mapped_column(JSON, default=list)
+    override_reason_code: Mapped[str | None] = mapped_column(String(128))
+    override_reason_system: Mapped[str | None] = mapped_column(String(512))
+    override_comment: Mapped[str | None] = mapped_column(Text)
+    outcome_timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class HookAudit(Base):
+    """One hook call: which service, which hookInstance, whose record (hashed), outcome and latency."""
+
+    __tablename__ = "hook_audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    service_id: Mapped[str] = mapped_column(String(128), index=True)
+    hook_instance: Mapped[str] = mapped_column(String(64))
+    patient_hash: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(64))
+    cards: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class Store:
+    """Engine, sessions and the queries the service needs; one per app."""
+
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+        engine_args: dict[str, Any] = {"pool_pre_ping": True}
+        if database_url.startswith("sqlite"):
+            engine_args["connect_args"] = {"check_same_thread": False}
+        self.engine = create_engine(database_url, **engine_args)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection_url"] = self.url
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """Yield a session that commits on success and rolls back on error."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def ping(self) -> bool:
+        """Return True when the database answers."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - readiness reports any failure as "not ready"
+            return False
+
+    def add_feedback(self, service_id: str, items: list[FeedbackItem]) -> int:
+        """Store feedback items for a service; return how many were stored."""
+        with self.session() as session:
+            for item in items:
+                reason = item.override_reason
+                session.add(
+                    FeedbackRecord(
+                        service_id=service_id,
+                        card_uuid=item.card,
+                        outcome=item.outcome,
+                        accepted_suggestions=[s.id for s in item.accepted_suggestions],
+                        override_reason_code=reason.reason.code if reason and reason.reason else None,
+                        override_reason_system=reason.reason.system if reason and reason.reason else None,
+                        override_comment=reason.user_comment if reason else None,
+                        outcome_timestamp=item.outcome_timestamp,
+                    )
+                )
+        return len(items)
+
+    def feedback_summary(self) -> dict[str, dict[str, int]]:
+        """Return ``{service_id: {"accepted": n, "overridden": n}}`` over all stored feedback."""
+        summary: dict[str, dict[str, int]] = {}
+        with self.session() as session:
+            rows = session.execute(
+                select(FeedbackRecord.service_id, FeedbackRecord.outcome, func.count()).group_by(
+                    FeedbackRecord.service_id, FeedbackRecord.outcome
+                )
+            )
+            for service_id, outcome, count in rows:
+                summary.setdefault(service_id, {"accepted": 0, "overridden": 0})[outcome] = count
+        return summary
+
+    def add_hook_audit(
+        self,
+        *,
+        service_id: str,
+        hook_instance: str,
+        patient_id: str | None,
+        status: int,
+        outcome: str,
+        cards: int,
+        latency_ms: float,
+    ) -> None:
+        """Record one hook call; the patient id is stored only as a hash."""
+        with self.session() as session:
+            session.add(
+                HookAudit(
+                    service_id=service_id,
+                    hook_instance=hook_instance,
+                    patient_hash=patient_hash(patient_id) if patient_id else None,
+                    status=status,
+                    outcome=outcome,
+                    cards=cards,
+                    latency_ms=latency_ms,
+                )
+            )

@@ -1,0 +1,325 @@
+"""pydantic models of the CDS Hooks 2.0 wire format (https://cds-hooks.hl7.org/2.0/).
+
+Inbound models ignore unknown fields (a new optional context field is a minor hook change, §Hooks versioning)
+but keep required fields required. Outbound models enforce the card rules and serialise without null or
+empty values (§CDS Service Response: "no null or empty values"), except the top-level ``cards`` list.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+from typing import Literal
+from typing import Protocol
+
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import SecretStr
+from pydantic import field_validator
+from pydantic import model_validator
+from pydantic.alias_generators import to_camel
+
+FHIR_REFERENCE = r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-\.]{1,64}$"
+FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
+
+
+def strip_empty(value: Any) -> Any:
+    """Return ``value`` with None, empty lists and empty dicts removed at every depth."""
+    if isinstance(value, dict):
+        cleaned = {k: strip_empty(v) for k, v in value.items()}
+        return {k: v for k, v in cleaned.items() if v is not None and v != [] and v != {}}
+    if isinstance(value, list):
+        return [strip_empty(v) for v in value if v is not None]
+    return value
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: camelCase aliases, population by field name, unknown fields ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def wire(self) -> dict[str, Any]:
+        """Return the JSON-ready dict as the spec spells it, with no null or empty values."""
+        return strip_empty(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+# --- Request (§HTTP Request) -----------------------------------------------------------------------
+
+
+class FhirAuthorization(BaseModel):
+    """OAuth 2.0 access token the EHR grants for ``fhirServer`` (§FHIR Resource Access); snake_case on the wire."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    access_token: SecretStr
+    token_type: Literal["Bearer"]
+    expires_in: int = Field(ge=0)
+    scope: str
+    subject: str
+    patient: str | None = None
+
+
+class PatientViewContext(WireModel):
+    """Context of ``patient-view`` 1.0 (https://cds-hooks.org/hooks/patient-view/)."""
+
+    user_id: str = Field(pattern=FHIR_REFERENCE)
+    patient_id: str = Field(pattern=FHIR_ID)
+    encounter_id: str | None = Field(default=None, pattern=FHIR_ID)
+
+
+class OrderSelectContext(WireModel):
+    """Context of ``order-select`` 1.0 (https://cds-hooks.org/hooks/order-select/)."""
+
+    user_id: str = Field(pattern=FHIR_REFERENCE)
+    patient_id: str = Field(pattern=FHIR_ID)
+    encounter_id: str | None = Field(default=None, pattern=FHIR_ID)
+    selections: list[str] = Field(min_length=1)
+    draft_orders: dict[str, Any]
+
+    @field_validator("draft_orders")
+    @classmethod
+    def _draft_orders_is_bundle(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("resourceType") != "Bundle":
+            raise ValueError("draftOrders must be a FHIR Bundle")
+        return value
+
+
+class OrderSignContext(WireModel):
+    """Context of ``order-sign`` 1.0: like order-select without ``selections``."""
+
+    user_id: str = Field(pattern=FHIR_REFERENCE)
+    patient_id: str = Field(pattern=FHIR_ID)
+    encounter_id: str | None = Field(default=None, pattern=FHIR_ID)
+    draft_orders: dict[str, Any]
+
+
+HookContext = PatientViewContext | OrderSelectContext | OrderSignContext
+
+#: Hooks this service understands, with the context model each one carries.
+HOOK_CONTEXTS: dict[str, type[HookContext]] = {
+    "patient-view": PatientViewContext,
+    "order-select": OrderSelectContext,
+    "order-sign": OrderSignContext,
+}
+
+
+class HookRequest(WireModel):
+    """Body of ``POST {base}/cds-services/{id}``; ``context`` is validated per hook afterwards."""
+
+    hook: str = Field(min_length=1, max_length=64)
+    hook_instance: uuid.UUID
+    fhir_server: str | None = Field(default=None, max_length=2048)
+    fhir_authorization: FhirAuthorization | None = None
+    context: dict[str, Any]
+    prefetch: dict[str, dict[str, Any] | None] | None = None
+
+    @model_validator(mode="after")
+    def _authorization_needs_server(self) -> HookRequest:
+        # §HTTP Request: fhirServer is "Conditional: MUST be present if fhirAuthorization is present".
+        if self.fhir_authorization is not None and not self.fhir_server:
+            raise ValueError("fhirServer is required when fhirAuthorization is sent")
+        return self
+
+
+# --- Response (§CDS Service Response) --------------------------------------------------------------
+
+
+class Coding(WireModel):
+    """A FHIR Coding as cards use it (topic, overrideReasons): ``code`` required, ``system`` and ``display``."""
+
+    code: str = Field(min_length=1)
+    system: str | None = None
+    display: str | None = None
+
+
+class OverrideReason(Coding):
+    """A reason a clinician may pick to override a card; the spec asks for a human-readable ``display``."""
+
+    display: str = Field(min_length=1)
+
+
+class Source(WireModel):
+    """Who produced the card (§Source); ``label`` is what the clinician sees."""
+
+    label: str = Field(min_length=1)
+    url: str | None = None
+    icon: str | None = None
+    topic: Coding | None = None
+
+
+class Action(WireModel):
+    """A change to the record (§Action): create/update carry a resource, delete a ``resourceId``."""
+
+    type: Literal["create", "update", "delete"]
+    description: str = Field(min_length=1)
+    resource: dict[str, Any] | None = None
+    resource_id: str | None = None
+
+    @model_validator(mode="after")
+    def _payload_matches_type(self) -> Action:
+        if self.type in ("create", "update") and not self.resource:
+            raise ValueError(f"a {self.type} action needs a resource")
+        if self.type == "delete" and not self.resource_id:
+            raise ValueError("a delete action needs a resourceId")
+        return self
+
+
+class Suggestion(WireModel):
+    """A set of actions a clinician can accept in one click (§Suggestion)."""
+
+    label: str = Field(min_length=1)
+    uuid: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    is_recommended: bool | None = None
+    actions: list[Action] = Field(default_factory=list)
+
+
+class Link(WireModel):
+    """A link to a reference page or a SMART app (§Link)."""
+
+    label: str = Field(min_length=1)
+    url: str = Field(min_length=1)
+    type: Literal["absolute", "smart"]
+    app_context: str | None = None
+    autolaunchable: bool | None = None
+
+    @model_validator(mode="after")
+    def _app_context_only_for_smart(self) -> Link:
+        # §Link: appContext "MUST only be used when the link type is smart".
+        if self.app_context is not None and self.type != "smart":
+            raise ValueError("appContext is only allowed on smart links")
+        return self
+
+
+class Card(WireModel):
+    """One CDS card (§Card Attributes)."""
+
+    uuid: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    # §Card: "summary ... SHOULD be less than 140 characters".
+    summary: str = Field(min_length=1, max_length=139)
+    detail: str | None = None
+    indicator: Literal["info", "warning", "critical"]
+    source: Source
+    suggestions: list[Suggestion] = Field(default_factory=list)
+    selection_behavior: Literal["at-most-one", "any"] | None = None
+    override_reasons: list[OverrideReason] = Field(default_factory=list)
+    links: list[Link] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _selection_behavior_with_suggestions(self) -> Card:
+        # §Card: selectionBehavior "MUST be provided if a card contains suggestions".
+        if self.suggestions and self.selection_behavior is None:
+            raise ValueError("selectionBehavior is required when suggestions are present")
+        if not self.suggestions and self.selection_behavior is not None:
+            raise ValueError("selectionBehavior is only meaningful with suggestions")
+        return self
+
+
+class HookResponse(WireModel):
+    """Body of a hook answer: cards (possibly empty) and optional systemActions."""
+
+    cards: list[Card] = Field(default_factory=list)
+    system_actions: list[Action] = Field(default_factory=list)
+
+    def wire(self) -> dict[str, Any]:
+        """Return the JSON body; ``cards`` stays even when empty (the spec's "nothing to say")."""
+        body = super().wire()
+        body["cards"] = body.get("cards", [])
+        return body
+
+
+# --- Discovery (§Discovery) ------------------------------------------------------------------------
+
+
+class ServiceDescriptor(WireModel):
+    """One entry of ``GET /cds-services``."""
+
+    hook: str
+    title: str | None = None
+    description: str
+    id: str
+    prefetch: dict[str, str] = Field(default_factory=dict)
+    usage_requirements: str | None = None
+    potentially_long_running: bool | None = None
+
+
+class DiscoveryResponse(WireModel):
+    """Body of ``GET /cds-services``."""
+
+    services: list[ServiceDescriptor]
+
+    def wire(self) -> dict[str, Any]:
+        """Return the JSON body; ``services`` stays even when empty."""
+        body = super().wire()
+        body["services"] = body.get("services", [])
+        return body
+
+
+# --- Feedback (§Feedback) --------------------------------------------------------------------------
+
+
+class AcceptedSuggestion(WireModel):
+    """The ``id`` of a suggestion the clinician accepted (its ``uuid`` in the card)."""
+
+    id: str = Field(min_length=1, max_length=128)
+
+
+class OverrideReasonFeedback(WireModel):
+    """Why a card was overridden: one of the card's overrideReasons and/or a free-text comment."""
+
+    reason: Coding | None = None
+    user_comment: str | None = Field(default=None, max_length=2000)
+
+
+class FeedbackItem(WireModel):
+    """What happened to one card (§Feedback)."""
+
+    card: str = Field(min_length=1, max_length=128)
+    outcome: Literal["accepted", "overridden"]
+    accepted_suggestions: list[AcceptedSuggestion] = Field(default_factory=list)
+    override_reason: OverrideReasonFeedback | None = None
+    outcome_timestamp: datetime
+
+    @model_validator(mode="after")
+    def _consistent_outcome(self) -> FeedbackItem:
+        if self.outcome == "overridden" and self.accepted_suggestions:
+            raise ValueError("acceptedSuggestions is only allowed when outcome is accepted")
+        if self.outcome == "accepted" and self.override_reason is not None:
+            raise ValueError("overrideReason is only allowed when outcome is overridden")
+        return self
+
+
+class FeedbackRequest(WireModel):
+    """Body of ``POST {base}/cds-services/{id}/feedback``."""
+
+    feedback: list[FeedbackItem] = Field(min_length=1, max_length=100)
+
+
+# --- What a handler receives -----------------------------------------------------------------------
+
+
+class ModelJobs(Protocol):
+    """What a handler uses to ask for model work without knowing about queues (see ``cds_service.jobs``)."""
+
+    def request(self, task: str, payload: dict[str, Any], evidence: list[str]) -> Any:
+        """Enqueue (or find) a model job and return its state within the hook's budget."""
+        ...
+
+
+class HookCall(BaseModel):
+    """A validated hook invocation handed to a service's handler.
+
+    ``prefetch`` holds every declared key: a fhir.resources object, or ``None`` where the EHR sent ``null``,
+    the template could not be rendered, or the key was optional and unreadable.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    service_id: str
+    request: HookRequest
+    context: PatientViewContext | OrderSelectContext | OrderSignContext
+    prefetch: dict[str, Any]
+    draft_orders: Any | None = None
+    public_url: str
+    jobs: Any | None = None

@@ -1,0 +1,1 @@
+"""CDS services: one module per service, each declaring itself with ``@service`` next to its handler."""

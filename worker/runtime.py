@@ -1,0 +1,350 @@
+"""The model runtime of a worker: MedGemma (or the tiny test checkpoint) loaded once, batched JSON output.
+
+One code path for every checkpoint: ``AutoProcessor`` and ``AutoModelForImageTextToText`` from a Hub id or a
+local folder, or ``AutoModelForCausalLM`` for a text-only checkpoint such as medgemma-27b-text-it. Decoding is
+greedy and constrained by llguidance to the JSON schema of the request's pydantic model; the output is then
+validated by that model, and a failure is a result with an error, never an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+from PIL import Image
+from pydantic import BaseModel
+from pydantic import ValidationError
+from transformers import AutoConfig
+from transformers import AutoModelForCausalLM
+from transformers import AutoModelForImageTextToText
+from transformers import AutoProcessor
+from transformers import LogitsProcessor
+from transformers import LogitsProcessorList
+from transformers import PreTrainedModel
+from transformers import ProcessorMixin
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+# Free whitespace between JSON tokens lets a model loop on blank lines until the token limit.
+_JSON_OPTIONS: llguidance.JsonCompileOptions = {"whitespace_flexible": False}
+CUT_ERROR = "output did not validate: cut at max_new_tokens"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt: system and user turns, images shown before the user text, and the schema to answer in."""
+
+    system_prompt: str
+    user_text: str
+    output_schema: type[BaseModel]
+    images: Sequence[Image.Image] = ()
+    max_new_tokens: int = 768
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one request produced: the raw text, and either the validated output or why there is none.
+
+    ``generated_tokens`` counts the stop token; ``seconds`` is the wall time of the whole batched call, and
+    ``batch_size`` the number of requests in it.
+    """
+
+    text: str
+    output: BaseModel | None
+    error: str | None
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    batch_size: int
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded processor and model, with the llguidance tokenizer and grammars cached per schema."""
+
+    model_id: str
+    model_version: str
+    processor: Any
+    model: PreTrainedModel
+    device: torch.device
+    dtype: torch.dtype
+    accepts_images: bool
+    _eos_ids: list[int] = field(init=False)
+    _vocab_size: int = field(init=False)
+    _ll_tokenizer: llguidance.LLTokenizer | None = field(default=None, init=False)
+    _executor: llguidance.LLExecutor = field(default_factory=llguidance.LLExecutor, init=False)
+    _matchers: dict[type[BaseModel], llguidance.LLMatcher] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        shipped = self.model.generation_config
+        eos = shipped.eos_token_id if shipped.eos_token_id is not None else self._tokenizer.eos_token_id
+        self._eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        # The logits are as wide as the embedding, which Gemma pads past the tokenizer (262,208 > 262,145).
+        self._vocab_size = self.model.config.get_text_config().vocab_size
+
+    @property
+    def _tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Return one result per request, in order, from a single batched greedy ``generate`` call."""
+        if not requests:
+            return []
+        if not self.accepts_images and any(request.images for request in requests):
+            raise ValueError(f"{self.model_id} is a text-only model; it cannot read images")
+        started = time.perf_counter()
+        limits = [request.max_new_tokens for request in requests]
+        # One generate at a time: the processor's padding side and the grammar cache are shared state.
+        with self._lock:
+            matchers = [self._matcher(request.output_schema) for request in requests]
+            inputs = self._encode(requests)
+            prompt_length = inputs["input_ids"].shape[1]
+            constraint = _GrammarConstraint(
+                matchers, limits, self._eos_ids, prompt_length, self._executor, self._vocab_size
+            )
+            with torch.inference_mode():
+                # The checkpoints ship sampling defaults (do_sample, top_k 64, top_p 0.95). An explicit
+                # do_sample=False overrides them, and transformers then does not warn about the unused ones.
+                sequences = self.model.generate(
+                    **inputs,
+                    do_sample=False,
+                    max_new_tokens=max(limits),
+                    eos_token_id=self._eos_ids,
+                    pad_token_id=self._tokenizer.pad_token_id,
+                    logits_processor=LogitsProcessorList([constraint]),
+                )
+        seconds = time.perf_counter() - started
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        new_tokens = sequences[:, prompt_length:].tolist()
+        return [
+            self._result(request, row, prompt_tokens[index], constraint.errors[index], seconds, len(requests))
+            for index, (request, row) in enumerate(zip(requests, new_tokens, strict=True))
+        ]
+
+    def _encode(self, requests: list[GenerationRequest]) -> Any:
+        conversations = []
+        for request in requests:
+            user_content: list[dict[str, Any]] = [
+                {"type": "image", "image": image} for image in request.images
+            ]
+            user_content.append({"type": "text", "text": request.user_text})
+            conversations.append(
+                [
+                    {"role": "system", "content": [{"type": "text", "text": request.system_prompt}]},
+                    {"role": "user", "content": user_content},
+                ]
+            )
+        # Decoder-only generation appends to the right end of every row, so padding must go on the left.
+        self._tokenizer.padding_side = "left"
+        # A processor takes tokenizer options in processor_kwargs, a bare tokenizer (text-only models) as is.
+        padding = (
+            {"processor_kwargs": {"padding": True}}
+            if isinstance(self.processor, ProcessorMixin)
+            else {"padding": True}
+        )
+        inputs = self.processor.apply_chat_template(
+            conversations,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            # Chart text is data: "<end_of_turn>" or "<start_of_image>" in it must not become control tokens.
+            sanitize_control_tokens=True,
+            **padding,
+        )
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def _matcher(self, schema: type[BaseModel]) -> llguidance.LLMatcher:
+        """Return a fresh matcher for ``schema``, copied from one compiled on first use."""
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                self._tokenizer,
+                n_vocab=self._vocab_size,
+                eos_token=self._eos_ids,
+            )
+        template = self._matchers.get(schema)
+        if template is None:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema.model_json_schema(), overrides=_JSON_OPTIONS
+            )
+            template = llguidance.LLMatcher(self._ll_tokenizer, grammar)
+            if template.is_error():
+                raise ValueError(f"schema {schema.__name__} is not a valid grammar: {template.get_error()}")
+            self._matchers[schema] = template
+        return template.deep_copy()
+
+    def _result(
+        self,
+        request: GenerationRequest,
+        row: list[int],
+        prompt_tokens: int,
+        constraint_error: str | None,
+        seconds: float,
+        batch_size: int,
+    ) -> GenerationResult:
+        produced = row[: request.max_new_tokens]
+        stop = next((i for i, token in enumerate(produced) if token in self._eos_ids), None)
+        answer = produced if stop is None else produced[:stop]
+        text = self._tokenizer.decode(answer, skip_special_tokens=True)
+        generated_tokens = len(produced) if stop is None else stop + 1
+        output: BaseModel | None = None
+        error = constraint_error
+        if error is None:
+            try:
+                output = request.output_schema.model_validate_json(text)
+            except ValidationError as invalid:
+                error = CUT_ERROR if stop is None else _describe(invalid)
+        return GenerationResult(
+            text=text,
+            output=output,
+            error=error,
+            prompt_tokens=prompt_tokens,
+            generated_tokens=generated_tokens,
+            seconds=seconds,
+            batch_size=batch_size,
+        )
+
+
+def load_runtime(
+    model_ref: str,
+    revision: str | None,
+    device: str,
+    hf_token: str | None = None,
+    num_threads: int | None = None,
+) -> ModelRuntime:
+    """Return the processor and model of ``model_ref`` (Hub id or folder) loaded for inference on ``device``.
+
+    ``device`` is ``auto`` (CUDA in bfloat16 when available, else CPU in float32), ``cpu``, ``cuda`` or
+    ``cuda:N``. ``num_threads`` caps torch's CPU threads, for worker processes that share a host.
+    """
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    torch_device = _resolve_device(device)
+    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    hub = {"revision": revision, "token": hf_token}
+    config = AutoConfig.from_pretrained(model_ref, **hub)
+    accepts_images = type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    model_class = AutoModelForImageTextToText if accepts_images else AutoModelForCausalLM
+    model = model_class.from_pretrained(
+        model_ref, config=config, dtype=dtype, device_map=str(torch_device), **hub
+    )
+    model.eval()
+    processor = AutoProcessor.from_pretrained(model_ref, **hub)
+    return ModelRuntime(
+        model_id=model_ref,
+        model_version=revision or _config_version(config),
+        processor=processor,
+        model=model,
+        device=torch_device,
+        dtype=dtype,
+        accepts_images=accepts_images,
+    )
+
+
+def _resolve_device(device: str) -> torch.device:
+    """Return the torch device for a ``Settings.device`` value, ``auto`` meaning CUDA when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _config_version(config: Any) -> str:
+    """Return the Hub commit the config came from, else its ``_name_or_path`` and a hash of its contents."""
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        return commit
+    digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    return f"{config._name_or_path}@{digest}"
+
+
+def _describe(invalid: ValidationError) -> str:
+    """Return where and how validation failed, without the input values (they may be clinical text)."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['type']}"
+        for error in invalid.errors(include_input=False)
+    )
+    return f"output did not validate: {problems}"
+
+
+class _GrammarConstraint(LogitsProcessor):
+    """Masks each row's logits to the tokens its llguidance matcher allows; one per ``generate`` call.
+
+    Rows stop at their own ``max_new_tokens`` (forced to a stop token) while the batch runs to the largest.
+    """
+
+    def __init__(
+        self,
+        matchers: list[llguidance.LLMatcher],
+        limits: list[int],
+        eos_ids: list[int],
+        start: int,
+        executor: llguidance.LLExecutor,
+        vocab_size: int,
+    ) -> None:
+        self.matchers = matchers
+        self.limits = limits
+        self.eos_ids = set(eos_ids)
+        self.forced_eos = eos_ids[0]
+        self.start = start
+        self.executor = executor
+        self.finished = [False] * len(matchers)
+        self.errors: list[str | None] = [None] * len(matchers)
+        self.bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.start
+        if step > 0:
+            for index, token in enumerate(input_ids[:, -1].tolist()):
+                self._consume(index, token)
+        # Finished rows only receive padding; leaving them unmasked keeps their logits finite.
+        self.bitmask.fill_(-1)
+        constrained = []
+        forced = []
+        for index, matcher in enumerate(self.matchers):
+            if self.finished[index]:
+                continue
+            if step >= self.limits[index] or matcher.is_error():
+                forced.append(index)
+            else:
+                constrained.append((matcher, index))
+        if constrained:
+            # Computes the rows' masks on llguidance's thread pool, outside the GIL.
+            llguidance.torch.fill_next_token_bitmask_par(self.executor, constrained, self.bitmask)
+        allowed = _unpack_bits(self.bitmask.to(scores.device, non_blocking=True))[:, : scores.shape[1]]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if forced:
+            scores[forced] = float("-inf")
+            scores[forced, self.forced_eos] = 0.0
+        return scores
+
+    def _consume(self, index: int, token: int) -> None:
+        if self.finished[index]:
+            return
+        if token in self.eos_ids:
+            self.finished[index] = True
+            return
+        matcher = self.matchers[index]
+        if not matcher.consume_token(token) and self.errors[index] is None:
+            self.errors[index] = f"constraint failed: {matcher.get_error()}"
+
+
+def _unpack_bits(bitmask: torch.Tensor) -> torch.Tensor:
+    """Return the boolean token mask of an llguidance int32 bitmask (bit ``i % 32`` of word ``i // 32``)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)

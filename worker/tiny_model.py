@@ -1,0 +1,233 @@
+"""A tiny random-weight Gemma3 checkpoint laid out like google/medgemma-4b-it, for tests and benches.
+
+The folder it writes loads through the same ``AutoProcessor`` / ``AutoModelForImageTextToText`` lines as the
+real model: a Gemma-layout BPE tokenizer (byte fallback, ``▁`` for space, Gemma's special tokens and chat
+template), a ``Gemma3Processor`` with its image processor, a ``Gemma3ForConditionalGeneration`` with a SigLIP
+vision tower, and the sampling ``generation_config.json`` the real checkpoint ships. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from tokenizers import Tokenizer
+from tokenizers import normalizers
+from tokenizers import pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+from transformers import Gemma3Config
+from transformers import Gemma3ForCausalLM
+from transformers import Gemma3ForConditionalGeneration
+from transformers import Gemma3Processor
+from transformers import Gemma3TextConfig
+from transformers import GemmaTokenizer
+from transformers import GenerationConfig
+from transformers import SiglipVisionConfig
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+# Gemma 3's chat template: there is no system role, so a system message is folded into the first user turn;
+# images are content items rendered as <start_of_image>, which the processor expands to the soft tokens.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+# Same order as Gemma's first ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the turn and image markers.
+_LEADING_SPECIALS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+]
+# Gemma puts the image soft token after every other id (262,144); the tiny tokenizer keeps that layout.
+_IMAGE_TOKEN = "<image_soft_token>"
+_BPE_VOCAB_SIZE = 1024
+_MODEL_VOCAB_MULTIPLE = 64
+
+# A few hundred words of clinical English and JSON, enough for BPE merges that make prompts and
+# structured answers a few characters per token instead of one.
+_CORPUS = """
+The patient is a 67 year old woman with type 2 diabetes mellitus, hypertension and chronic kidney disease
+stage 3. She presents for follow-up of her blood pressure and glucose control. Current medications include
+metformin 1000 mg twice daily, lisinopril 20 mg daily, atorvastatin 40 mg at night and aspirin 81 mg daily.
+Her most recent hemoglobin A1c was 8.2 percent and the estimated glomerular filtration rate was 42.
+Potassium is 5.3 mmol/L. She reports no chest pain, shortness of breath or swelling of the legs.
+Assessment: diabetes not at goal; consider adding an SGLT2 inhibitor given kidney disease. Review the
+metformin dose for the reduced kidney function. Recheck potassium and creatinine in two weeks.
+Chest X-ray, frontal view: the lungs are clear. No focal consolidation, pleural effusion or pneumothorax.
+The cardiac silhouette is normal in size. The mediastinum is not widened. Mild degenerative changes of
+the thoracic spine. Impression: no acute cardiopulmonary abnormality. Findings are routine.
+Right lower lobe opacity concerning for pneumonia in the appropriate clinical setting; follow-up
+radiograph after treatment is recommended. Small left pleural effusion. Urgent review is advised.
+Draft orders: warfarin 5 mg daily together with ibuprofen 400 mg three times daily increases the risk
+of bleeding; change to paracetamol. Potassium chloride with lisinopril and high potassium: remove.
+Allergy to penicillin: amoxicillin order should be changed. Keep the order for a complete blood count.
+{"summary": "Patient with diabetes and hypertension.", "key_problems": ["diabetes", "hypertension"],
+"medication_concerns": ["metformin dose"], "follow_up": ["recheck potassium"],
+"evidence_ids": ["Patient/example", "Condition/c1", "Observation/obs-2", "MedicationRequest/m3"]}
+{"findings": "Lungs are clear.", "impression": "Normal chest radiograph.", "urgency": "routine"}
+{"concerns": [{"order_id": "MedicationRequest/draft-1", "severity": "warning", "issue": "Interaction.",
+"recommendation": "Change the order.", "action": "change"}], "urgency": "critical", "severity": "info"}
+"""
+
+
+def build_tiny_model(directory: Path, seed: int = 0, *, text_only: bool = False) -> Path:
+    """Return ``directory`` after writing a seeded random-weight Gemma3 checkpoint into it.
+
+    By default an image-text checkpoint shaped like google/medgemma-4b-it; with ``text_only`` a
+    ``Gemma3ForCausalLM`` with a bare tokenizer, shaped like google/medgemma-27b-text-it. The same seed gives
+    the same weights; the tokenizer is deterministic and does not depend on the seed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _gemma_tokenizer()
+    end_of_turn_id = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    text_config = Gemma3TextConfig(
+        # Gemma pads the embedding past the tokenizer (262,145 -> 262,208): logits have ids no token has.
+        vocab_size=-(-(len(tokenizer) + 1) // _MODEL_VOCAB_MULTIPLE) * _MODEL_VOCAB_MULTIPLE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        max_position_embeddings=8192,
+        sliding_window=256,
+        layer_types=["sliding_attention", "full_attention"],
+        # Larger than Gemma's 0.02 so random logits lie far apart: greedy choices then do not flip on float
+        # rounding between batched and unbatched runs.
+        initializer_range=0.25,
+    )
+    torch.manual_seed(seed)
+    if text_only:
+        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+        tokenizer.save_pretrained(directory)
+        model: Gemma3ForCausalLM | Gemma3ForConditionalGeneration = Gemma3ForCausalLM(text_config)
+    else:
+        mm_tokens_per_image = 16
+        image_processor = Gemma3ImageProcessorPil(
+            size={"height": 64, "width": 64},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            resample=2,
+            do_pan_and_scan=None,
+            do_convert_rgb=None,
+        )
+        processor = Gemma3Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=GEMMA3_CHAT_TEMPLATE,
+            image_seq_length=mm_tokens_per_image,
+        )
+        processor.save_pretrained(directory)
+        vision_config = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            # 8 x 8 patches pooled to 4 x 4 = mm_tokens_per_image, as 64 x 64 are pooled to 16 x 16 = 256.
+            patch_size=8,
+            vision_use_head=False,
+        )
+        config = Gemma3Config(
+            text_config=text_config,
+            vision_config=vision_config,
+            mm_tokens_per_image=mm_tokens_per_image,
+            boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+            eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+            image_token_index=tokenizer.convert_tokens_to_ids(_IMAGE_TOKEN),
+            initializer_range=text_config.initializer_range,
+        )
+        model = Gemma3ForConditionalGeneration(config)
+    # Mirrors the sampling defaults the MedGemma checkpoints ship, which the runtime has to override.
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id, end_of_turn_id],
+        do_sample=True,
+        top_k=64,
+        top_p=0.95,
+    )
+    model.save_pretrained(directory)
+    return directory
+
+
+def _gemma_tokenizer() -> GemmaTokenizer:
+    """Return a GemmaTokenizer over a BPE vocabulary trained on ``_CORPUS``, with Gemma's ids and specials."""
+    trainer_tokenizer = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True))
+    trainer_tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    printable = [c.replace(" ", "▁") for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    trainer = BpeTrainer(vocab_size=_BPE_VOCAB_SIZE, initial_alphabet=printable + ["\n"], show_progress=False)
+    trainer_tokenizer.train_from_iterator(_CORPUS.strip().splitlines(), trainer)
+    trained = json.loads(trainer_tokenizer.to_str())["model"]
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    vocab: dict[str, int] = {}
+    for token in [*_LEADING_SPECIALS, *byte_tokens, *sorted(trained["vocab"], key=trained["vocab"].get)]:
+        vocab.setdefault(token, len(vocab))
+    vocab[_IMAGE_TOKEN] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+
+    tokenizer = GemmaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": _IMAGE_TOKEN,
+        },
+    )
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (*_LEADING_SPECIALS[5:], _IMAGE_TOKEN)],
+        special_tokens=True,
+    )
+    return tokenizer
