@@ -14,6 +14,7 @@ from flask_cors import CORS
 from cds_service.auth import JwtVerifier
 from cds_service.auth import load_trust_config
 from cds_service.errors import Unauthorized
+from cds_service.fhir_guard import validate_allowlist
 from cds_service.logging import configure_logging
 from cds_service.registry import Registry
 from cds_service.registry import load_registry
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the CDS service: load and check the services in ``hooks/``, wire the store, Redis and routes."""
     settings = settings or Settings()
     configure_logging()
+    validate_allowlist(settings.fhir_server_allowlist)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

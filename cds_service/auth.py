@@ -273,9 +273,13 @@ def _decode_unverified(token: str) -> tuple[jws.CompactSignature, dict[str, Any]
 def _numeric_date(claims: dict[str, Any], name: str) -> float | None:
     """Return a NumericDate claim (RFC 7519 §2) as a float, or None if absent or not a finite number."""
     value = claims.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _key_set_url(url: str) -> str:

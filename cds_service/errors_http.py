@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from cds_service.errors import CdsError
 from cds_service.errors import Unauthorized
+from cds_service.logging import clear_request_id
 from cds_service.logging import get_request_id
 from cds_service.logging import set_request_id
 
@@ -67,6 +68,8 @@ def register(app: Flask) -> None:
     """Install the request-id hooks and one error handler per error class."""
     app.before_request(_begin_request)
     app.after_request(_end_request)
+    # gthread reuses threads: a finished request's id must not leak into the next one's log lines.
+    app.teardown_request(lambda error: clear_request_id())
     app.register_error_handler(CdsError, _render_cds_error)
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(Exception, _render_unexpected)

@@ -6,6 +6,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urljoin
+from urllib.parse import urlsplit
+from urllib.parse import urlunsplit
 
 import httpx
 from fhir.resources.R4B import get_fhir_model_class
@@ -93,5 +95,7 @@ class FhirReader:
             if not response.is_redirect:
                 return response
             url = urljoin(url, response.headers.get("Location", ""))
-            check_fhir_server_url(url, self._allowlist, self._allow_http_loopback)
+            # The guard judges where a request goes (scheme, host, port, path); a search's query is not part of it.
+            base_of_hop = urlunsplit(urlsplit(url)._replace(query="", fragment=""))
+            check_fhir_server_url(base_of_hop, self._allowlist, self._allow_http_loopback)
         raise FhirReadError("status", "FHIR server redirected too many times", 310)

@@ -65,7 +65,7 @@ def check_fhir_server_url(url: str, allowlist: Sequence[str], allow_http_loopbac
     loopback = is_loopback_host(target.host)
     # ::1 is inside the IPv6 reserved block ::/8, so loopback is excluded before the reserved test.
     if address is not None and not loopback and _is_unroutable(address):
-        raise BadRequest("fhirServer points at a link-local, reserved or unspecified address")
+        raise BadRequest("fhirServer points at a link-local, multicast, reserved or unspecified address")
     if target.scheme != "https" and not (loopback and allow_http_loopback):
         raise BadRequest("fhirServer must use https")
     if not allowlist:

@@ -7,7 +7,10 @@ empty values (§CDS Service Response: "no null or empty values"), except the top
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from typing import Literal
@@ -296,30 +299,107 @@ class FeedbackRequest(WireModel):
     feedback: list[FeedbackItem] = Field(min_length=1, max_length=100)
 
 
+# --- Model jobs (API ↔ worker) -------------------------------------------------------------------
+
+JobState = Literal["queued", "running", "done", "failed"]
+ModelTask = Literal["patient-summary", "imaging-read", "order-review"]
+ModelRole = Literal["text", "image"]
+
+
+class ModelJobRequest(BaseModel):
+    """What a worker needs to run one model task: data only, never a token (issue: worker gets data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    service_id: str
+    task: ModelTask
+    role: ModelRole
+    model: str
+    revision: str | None = None
+    system_prompt: str = Field(max_length=8_000)
+    user_prompt: str = Field(max_length=64_000)
+    images_b64: list[str] = Field(default_factory=list, max_length=4)
+    evidence: list[str] = Field(default_factory=list, max_length=256)
+    input_hashes: list[str] = Field(default_factory=list, max_length=256)
+    max_new_tokens: int = Field(ge=16, le=8192)
+
+    def job_id(self) -> str:
+        """Return the idempotency key: a hash of service, task, model, prompts and input content hashes."""
+        material = {
+            "service": self.service_id,
+            "task": self.task,
+            "model": self.model,
+            "revision": self.revision,
+            "system": self.system_prompt,
+            "user": self.user_prompt,
+            "images": [hashlib.sha256(i.encode()).hexdigest() for i in self.images_b64],
+            "inputs": sorted(self.input_hashes),
+            "max_new_tokens": self.max_new_tokens,
+        }
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:40]
+
+
+class JobRecord(BaseModel):
+    """A job's public state, as ``GET /jobs/{id}`` shows it (the request's data stays internal)."""
+
+    id: str
+    service_id: str
+    task: str
+    state: JobState
+    attempts: int = 0
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    model: str | None = None
+    model_version: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    generated_tokens: int | None = None
+    seconds: float | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """Return the JSON body without null fields."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
 # --- What a handler receives -----------------------------------------------------------------------
 
 
 class ModelJobs(Protocol):
-    """What a handler uses to ask for model work without knowing about queues (see ``cds_service.jobs``)."""
+    """What a handler uses to ask for model work without knowing about queues (``cds_service.jobs.JobQueue``)."""
 
-    def request(self, task: str, payload: dict[str, Any], evidence: list[str]) -> Any:
-        """Enqueue (or find) a model job and return its state within the hook's budget."""
+    def request(
+        self,
+        task: ModelTask,
+        role: ModelRole,
+        system_prompt: str,
+        user_prompt: str,
+        *,
+        evidence: list[str],
+        input_hashes: list[str],
+        images_b64: list[str] | None = None,
+    ) -> JobRecord | None:
+        """Enqueue (or find) a model job; return its record as it stands at the hook's deadline (None: no Redis)."""
+        ...
+
+    def job_url(self, job_id: str) -> str:
+        """Return the public URL of a job's status."""
         ...
 
 
-class HookCall(BaseModel):
+@dataclass(frozen=True)
+class HookCall:
     """A validated hook invocation handed to a service's handler.
 
     ``prefetch`` holds every declared key: a fhir.resources object, or ``None`` where the EHR sent ``null``,
-    the template could not be rendered, or the key was optional and unreadable.
+    the template could not be rendered, or the key was optional and unreadable. ``jobs`` is None where the
+    service runs without model workers (e.g. a unit test of the rules).
     """
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     service_id: str
     request: HookRequest
     context: PatientViewContext | OrderSelectContext | OrderSignContext
     prefetch: dict[str, Any]
-    draft_orders: Any | None = None
     public_url: str
-    jobs: Any | None = None
+    draft_orders: Any | None = None
+    jobs: ModelJobs | None = None

@@ -213,3 +213,48 @@ def hook_body() -> Callable[..., dict[str, Any]]:
         return body
 
     return build
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    """The service run as users run it: ``medgemma-cds serve`` (gunicorn) on a loopback port."""
+
+    url: str
+    env: dict[str, str]
+
+
+def service_env(database_url: str, issuer: Issuer, public_url: str, **extra: str) -> dict[str, str]:
+    """Return the environment that configures a service or worker process for the test servers."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "MEDGEMMA_CDS_DATABASE_URL": database_url,
+            "MEDGEMMA_CDS_REDIS_URL": REDIS_URL,
+            "MEDGEMMA_CDS_PUBLIC_URL": public_url,
+            "MEDGEMMA_CDS_TRUSTED_ISSUERS": str(issuer.trust_file),
+            "MEDGEMMA_CDS_FHIR_ALLOW_HTTP_LOOPBACK": "true",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def live_server(database_url: str, issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Start ``medgemma-cds serve`` once per run and stop it at the end."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = service_env(database_url, issuer, url)
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_http(f"{url}/healthz")
+        yield LiveServer(url=url, env=env)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)

@@ -18,7 +18,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 from PIL import Image
 from pydantic import BaseModel
@@ -305,7 +304,13 @@ class _GrammarConstraint(LogitsProcessor):
         self.executor = executor
         self.finished = [False] * len(matchers)
         self.errors: list[str | None] = [None] * len(matchers)
-        self.bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)
+        # 32 token bits per int32 word, as llguidance writes them; pinned so copies to a GPU are asynchronous.
+        self.bitmask = torch.full(
+            (len(matchers), (vocab_size + 31) // 32),
+            -1,
+            dtype=torch.int32,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.start
@@ -324,8 +329,11 @@ class _GrammarConstraint(LogitsProcessor):
             else:
                 constrained.append((matcher, index))
         if constrained:
-            # Computes the rows' masks on llguidance's thread pool, outside the GIL.
-            llguidance.torch.fill_next_token_bitmask_par(self.executor, constrained, self.bitmask)
+            # llguidance.torch wraps this call, but importing it costs seconds (it imports torch._dynamo).
+            row_bytes = self.bitmask.shape[1] * self.bitmask.element_size()
+            self.executor.unsafe_compute_mask_ptr(
+                constrained, self.bitmask.data_ptr(), row_bytes, self.bitmask.shape[0]
+            )
         allowed = _unpack_bits(self.bitmask.to(scores.device, non_blocking=True))[:, : scores.shape[1]]
         scores = scores.masked_fill(~allowed, float("-inf"))
         if forced:

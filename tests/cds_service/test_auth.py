@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from joserfc import jwt
 from joserfc.jwk import ECKey
 from joserfc.jwk import RSAKey
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from cds_service.auth import JwtVerifier
 from cds_service.auth import TrustConfig
@@ -61,7 +61,7 @@ def b64url(data: bytes) -> str:
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
-    """Return valid claims from ISS for AUDIENCE, with ``overrides`` applied (a None value drops the claim)."""
+    """Return valid claims from ISS for AUDIENCE with ``overrides`` applied; a None value drops the claim."""
     now = int(time.time())
     body: dict[str, Any] = {
         "iss": ISS,
@@ -104,7 +104,7 @@ def jwks_server() -> Iterator[JwksServer]:
     server_state: list[JwksServer] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             state = server_state[0]
             state.requests.append(self.path)
             status, headers, body = state.routes.get(self.path, (404, {}, b"not found"))
@@ -115,7 +115,7 @@ def jwks_server() -> Iterator[JwksServer]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (signature of the base class)
+        def log_message(self, format: str, *args: Any) -> None:
             """Keep test output quiet."""
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

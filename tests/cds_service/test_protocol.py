@@ -82,13 +82,17 @@ def test_malformed_json_is_400(client, issuer) -> None:
 
 def test_too_deep_json_is_400(client, issuer) -> None:
     body = "[" * 5000 + "]" * 5000
-    response = client.post(SUMMARY, data=body, content_type="application/json", headers=issuer.headers(SUMMARY))
+    response = client.post(
+        SUMMARY, data=body, content_type="application/json", headers=issuer.headers(SUMMARY)
+    )
     assert response.status_code == 400
 
 
 def test_body_over_limit_is_413(client, issuer, settings) -> None:
     body = '{"pad": "' + "x" * settings.max_body_bytes + '"}'
-    response = client.post(SUMMARY, data=body, content_type="application/json", headers=issuer.headers(SUMMARY))
+    response = client.post(
+        SUMMARY, data=body, content_type="application/json", headers=issuer.headers(SUMMARY)
+    )
     assert response.status_code == 413
     assert response.json["error"] == "request-entity-too-large"
 
@@ -111,7 +115,13 @@ def test_wrong_hook_for_service_is_400(client, issuer, hook_body) -> None:
 
 
 def test_fhir_authorization_without_fhir_server_is_400(client, issuer, hook_body) -> None:
-    authorization = {"access_token": "t0k", "token_type": "Bearer", "expires_in": 1, "scope": "x", "subject": "y"}
+    authorization = {
+        "access_token": "t0k",
+        "token_type": "Bearer",
+        "expires_in": 1,
+        "scope": "x",
+        "subject": "y",
+    }
     body = hook_body("patient-view", "p1", fhirAuthorization=authorization)
     response = client.post(SUMMARY, json=body, headers=issuer.headers(SUMMARY))
     assert response.status_code == 400
@@ -142,13 +152,26 @@ def test_feedback_round_trip_and_summary(client, issuer, settings) -> None:
     card = str(uuid.uuid4())
     body = {
         "feedback": [
-            {"card": card, "outcome": "accepted", "acceptedSuggestions": [{"id": "s1"}],
-             "outcomeTimestamp": "2026-11-27T10:00:00Z"},
-            {"card": card, "outcome": "overridden", "outcomeTimestamp": "2026-11-27T10:01:00Z",
-             "overrideReason": {"reason": {"code": "benefit-outweighs-risk", "system": "x"}, "userComment": "ok"}},
+            {
+                "card": card,
+                "outcome": "accepted",
+                "acceptedSuggestions": [{"id": "s1"}],
+                "outcomeTimestamp": "2026-11-27T10:00:00Z",
+            },
+            {
+                "card": card,
+                "outcome": "overridden",
+                "outcomeTimestamp": "2026-11-27T10:01:00Z",
+                "overrideReason": {
+                    "reason": {"code": "benefit-outweighs-risk", "system": "x"},
+                    "userComment": "ok",
+                },
+            },
         ]
     }
-    before = Store(settings.database_url).feedback_summary().get("order-review", {"accepted": 0, "overridden": 0})
+    before = (
+        Store(settings.database_url).feedback_summary().get("order-review", {"accepted": 0, "overridden": 0})
+    )
     response = client.post(path, json=body, headers=issuer.headers(path))
     assert response.status_code == 200
     after = client.get("/feedback/summary").json["services"]["order-review"]

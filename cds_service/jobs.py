@@ -1,0 +1,147 @@
+"""Model jobs as the API sees them: idempotent ids, a Redis job record, enqueue once, wait within the budget.
+
+A job's id hashes everything its result depends on, so the same unchanged record never enqueues twice and a
+finished result is one Redis read away. Redis may lose everything: a lost record is simply recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from cds_service.wire import JobRecord
+from cds_service.wire import ModelJobRequest
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "medgemma_cds.run_model_job"
+QUEUES: dict[str, str] = {"text": "medgemma-text", "image": "medgemma-image"}
+# A failed job is kept briefly so a burst of hooks doesn't hammer a broken input, then retried.
+FAILED_TTL_S = 300
+POLL_INTERVAL_S = 0.02
+
+
+def now_iso() -> str:
+    """Return the current UTC time as ISO-8601."""
+    return datetime.now(UTC).isoformat()
+
+
+class JobStore:
+    """Job records in Redis: ``mgcds:job:{id}`` hashes that expire, written by the API and the workers."""
+
+    def __init__(self, redis_client: redis.Redis, ttl_s: int) -> None:
+        self.redis = redis_client
+        self.ttl_s = ttl_s
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        """Return the Redis key of a job."""
+        return f"mgcds:job:{job_id}"
+
+    def create(self, request: ModelJobRequest) -> tuple[str, bool]:
+        """Create the record unless one exists; return the id and whether this call created it."""
+        job_id = request.job_id()
+        key = self.key(job_id)
+        created = self.redis.hsetnx(key, "state", "queued")
+        if created:
+            self.redis.hset(
+                key,
+                mapping={
+                    "service_id": request.service_id,
+                    "task": request.task,
+                    "created_at": now_iso(),
+                    "attempts": 0,
+                    "request": request.model_dump_json(),
+                },
+            )
+            self.redis.expire(key, self.ttl_s)
+        return job_id, bool(created)
+
+    def request_of(self, job_id: str) -> ModelJobRequest | None:
+        """Return the stored request of a job, or None when the record is gone."""
+        raw = self.redis.hget(self.key(job_id), "request")
+        return ModelJobRequest.model_validate_json(raw) if raw else None
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """Return the job's record, or None."""
+        fields = {k.decode(): v.decode() for k, v in self.redis.hgetall(self.key(job_id)).items()}
+        if "state" not in fields or "created_at" not in fields:
+            return None
+        return JobRecord(
+            id=job_id,
+            service_id=fields["service_id"],
+            task=fields["task"],
+            state=fields["state"],  # type: ignore[arg-type]
+            attempts=int(fields.get("attempts", 0)),
+            created_at=datetime.fromisoformat(fields["created_at"]),
+            started_at=datetime.fromisoformat(fields["started_at"]) if "started_at" in fields else None,
+            finished_at=datetime.fromisoformat(fields["finished_at"]) if "finished_at" in fields else None,
+            model=fields.get("model"),
+            model_version=fields.get("model_version"),
+            result=json.loads(fields["result"]) if "result" in fields else None,
+            error=fields.get("error"),
+            generated_tokens=int(fields["generated_tokens"]) if "generated_tokens" in fields else None,
+            seconds=float(fields["seconds"]) if "seconds" in fields else None,
+        )
+
+    def start(self, job_id: str, worker: str) -> int:
+        """Mark a job running on ``worker``; return the attempt number (redeliveries count up)."""
+        key = self.key(job_id)
+        attempts = int(self.redis.hincrby(key, "attempts", 1))
+        self.redis.hset(key, mapping={"state": "running", "started_at": now_iso(), "worker": worker})
+        return attempts
+
+    def finish(self, job_id: str, fields: dict[str, Any]) -> bool:
+        """Store a result once: a redelivered task that finishes again leaves the first result in place."""
+        key = self.key(job_id)
+        # WATCH/MULTI makes "not done yet → write result" atomic against a concurrent redelivery.
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    if pipe.hget(key, "state") in (b"done", b"failed"):
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, mapping={**fields, "finished_at": now_iso()})
+                    pipe.expire(key, self.ttl_s if fields["state"] == "done" else FAILED_TTL_S)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+
+class JobQueue:
+    """The handle a hook handler gets: request a model job and wait for it, never past the hook's deadline."""
+
+    def __init__(self, store: JobStore, send: Any, deadline: float, status_url: str) -> None:
+        self.store = store
+        self._send = send
+        self.deadline = deadline
+        self.status_url = status_url
+
+    def request(self, job: ModelJobRequest) -> JobRecord | None:
+        """Enqueue ``job`` unless it exists, wait until done or the deadline; None when Redis is unreachable."""
+        try:
+            job_id, created = self.store.create(job)
+            if created:
+                self._send(job_id, job.role)
+            record = self.store.get(job_id)
+            while record is not None and record.state in ("queued", "running") and time.monotonic() < self.deadline:
+                time.sleep(min(POLL_INTERVAL_S, max(0.0, self.deadline - time.monotonic())))
+                record = self.store.get(job_id)
+            return record
+        except (redis.RedisError, OSError) as exc:
+            # Degrade, never fail: without Redis the hook still answers its rule cards.
+            log.warning("model job unavailable: %s", type(exc).__name__)
+            return None
+
+    def job_url(self, job_id: str) -> str:
+        """Return the public URL of a job's status."""
+        return f"{self.status_url}/{job_id}"

@@ -1,0 +1,86 @@
+"""Model output → CDS cards, always marked as an AI draft that needs a clinician's review."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cds_service.wire import JobRecord
+from cds_service.wire import Card
+from cds_service.wire import Link
+from cds_service.wire import Source
+from fhir_mappings.model_outputs import PatientSummaryOutput
+from fhir_mappings.record import markdown_list
+
+AI_DISCLAIMER = (
+    "_AI-generated draft — requires clinician review. MedGemma is not a clinical-grade model; "
+    "do not act on this text without checking the record._"
+)
+MAX_EVIDENCE_LINKS = 5
+
+
+def model_source(record: JobRecord) -> Source:
+    """Return a card source naming the model and its version."""
+    version = f" ({record.model_version})" if record.model_version else ""
+    return Source(label=f"MedGemma AI draft: {record.model or 'model'}{version}"[:200])
+
+
+def cited_evidence(cited: list[str], offered: list[str]) -> list[str]:
+    """Return the cited ids that were really in the model's context, in citation order (drops inventions)."""
+    allowed = set(offered)
+    return [ref for ref in dict.fromkeys(cited) if ref in allowed]
+
+
+def evidence_links(evidence: list[str], fhir_server: str | None) -> list[Link]:
+    """Return absolute links to the first cited resources on the EHR's FHIR server, if one is known."""
+    if not fhir_server:
+        return []
+    base = fhir_server.rstrip("/")
+    return [Link(label=f"Evidence: {ref}", url=f"{base}/{ref}", type="absolute") for ref in evidence[:MAX_EVIDENCE_LINKS]]
+
+
+def pending_card(what: str, job_url: str) -> Card:
+    """Return the info card that says a model job is still running, linking to its status."""
+    return Card(
+        summary=f"{what}: AI analysis is running",
+        detail=f"The model is still working. Open this card again (or reopen the chart) to see the result.\n\n{AI_DISCLAIMER}",
+        indicator="info",
+        source=Source(label="MedGemma CDS"),
+        links=[Link(label="AI analysis status", url=job_url, type="absolute")],
+    )
+
+
+def summary_ai_card(
+    output: PatientSummaryOutput, record: JobRecord, offered: list[str], fhir_server: str | None
+) -> Card:
+    """Return the AI pre-visit summary card: the summary, problems, concerns, follow-up and cited evidence."""
+    evidence = cited_evidence(output.evidence_ids, offered)
+    detail = "\n\n".join(
+        [
+            output.summary,
+            f"**Key problems**\n\n{markdown_list(output.key_problems)}",
+            f"**Medication concerns**\n\n{markdown_list(output.medication_concerns)}",
+            f"**Follow-up**\n\n{markdown_list(output.follow_up)}",
+            f"**Evidence used**\n\n{markdown_list(evidence)}",
+            AI_DISCLAIMER,
+        ]
+    )
+    return Card(
+        summary="AI pre-visit summary (draft, needs clinician review)",
+        detail=detail,
+        indicator="info",
+        source=model_source(record),
+        links=evidence_links(evidence, fhir_server),
+    )
+
+
+def job_cards(record: JobRecord | None, what: str, job_url: Callable[[str], str], done: Callable[[Any], Card]) -> list[Card]:
+    """Return the card for a model job's state: its result when done, "running" while pending, none on failure.
+
+    A failed job (e.g. output cut at max_new_tokens) shows no card; its error stays on the job record.
+    """
+    if record is None or record.state == "failed":
+        return []
+    if record.state == "done" and record.result is not None:
+        return [done(record)]
+    return [pending_card(what, job_url(record.id))]

@@ -1,0 +1,42 @@
+"""The service over real HTTP, served by gunicorn through ``medgemma-cds serve``."""
+
+from __future__ import annotations
+
+import httpx
+from conftest import FhirServer
+from conftest import Issuer
+from conftest import LiveServer
+
+
+def test_discovery_over_http_with_cors(live_server: LiveServer) -> None:
+    response = httpx.get(
+        f"{live_server.url}/cds-services", headers={"Origin": "https://sandbox.cds-hooks.org"}
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] in ("*", "https://sandbox.cds-hooks.org")
+    assert "gunicorn" in response.headers.get("server", "").lower()
+    assert {s["id"] for s in response.json()["services"]} >= {"patient-summary", "order-review"}
+
+
+def test_patient_view_over_http_reads_fhir_server(
+    live_server: LiveServer, issuer: Issuer, fhir_server: FhirServer, hook_body
+) -> None:
+    path = "/cds-services/patient-summary"
+    body = hook_body(
+        "patient-view",
+        fhir_server.patients["Trantow"],
+        fhirServer=fhir_server.base_url,
+        fhirAuthorization={
+            "access_token": fhir_server.token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service",
+        },
+    )
+    token = issuer.token(live_server.url + path)
+    response = httpx.post(live_server.url + path, json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["cards"][0]["summary"] == "1 active problem, 3 active medications, 3 allergies"
+    replay = httpx.post(live_server.url + path, json=body, headers={"Authorization": f"Bearer {token}"})
+    assert replay.status_code == 401
