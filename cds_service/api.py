@@ -18,6 +18,7 @@ from cds_service.errors import CdsError
 from cds_service.errors import NotFound
 from cds_service.errors import UnsupportedMediaType
 from cds_service.invoke import json_depth
+from cds_service.jobs import JobQueue
 from cds_service.invoke import run_service
 from cds_service.invoke import validate
 from cds_service.registry import ServiceDefinition
@@ -78,11 +79,18 @@ def call_service(service_id: str) -> Response:
     started = time.perf_counter()
     body = read_json_body()
     deps = services()
+    jobs = JobQueue(
+        deps.jobs,
+        deps.send_job,
+        deps.settings,
+        definition.id,
+        deadline=time.monotonic() + deps.settings.hook_budget_ms / 1000,
+    )
     call = None
     status, outcome, cards = 200, "ok", 0
     try:
         call, response = run_service(
-            definition, body, settings=deps.settings, http=deps.http, executor=deps.executor
+            definition, body, settings=deps.settings, http=deps.http, executor=deps.executor, jobs=jobs
         )
         cards = len(response.cards)
         return jsonify(response.wire())
@@ -122,6 +130,16 @@ def feedback(service_id: str) -> Response:
     feedback_request = validate(FeedbackRequest, read_json_body())
     services().store.add_feedback(definition.id, feedback_request.feedback)
     return jsonify({})
+
+
+@bp.get("/jobs/<job_id>")
+def job_status(job_id: str) -> Response:
+    """A model job's state (queued | running | done | failed), timestamps and, when done, its result."""
+    authenticate(f"/jobs/{job_id}")
+    record = services().jobs.get(job_id) if job_id.isalnum() and len(job_id) <= 64 else None
+    if record is None:
+        raise NotFound("no such job (it may have expired)")
+    return jsonify(record.wire())
 
 
 @bp.get("/feedback/summary")

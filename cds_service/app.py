@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -15,11 +16,15 @@ from cds_service.auth import JwtVerifier
 from cds_service.auth import load_trust_config
 from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import validate_allowlist
+from cds_service.jobs import QUEUES
+from cds_service.jobs import TASK_NAME
+from cds_service.jobs import JobStore
 from cds_service.logging import configure_logging
 from cds_service.registry import Registry
 from cds_service.registry import load_registry
 from cds_service.settings import Settings
 from cds_service.store import Store
+from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,8 @@ class Services:
     http: httpx.Client
     executor: ThreadPoolExecutor
     verifier: JwtVerifier | AuthDisabled | NoTrustedIssuers
+    jobs: JobStore
+    send_job: Callable[[str, str], None]
 
 
 def build_verifier(settings: Settings, redis_client: redis.Redis) -> JwtVerifier | AuthDisabled | NoTrustedIssuers:
@@ -75,6 +82,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    celery = make_celery(settings)
+
+    def send_job(job_id: str, role: str) -> None:
+        # The task id is the job id, so Celery's own bookkeeping lines up with the job record.
+        celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUES[role])
+
     app.extensions["cds"] = Services(
         settings=settings,
         registry=load_registry(),
@@ -86,6 +99,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         ),
         executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="prefetch"),
         verifier=build_verifier(settings, redis_client),
+        jobs=JobStore(redis_client, settings.result_ttl_s),
+        send_job=send_job,
     )
 
     # §Security / CORS: any origin, the three methods, and the two headers EHRs send (the sandbox sends

@@ -11,12 +11,16 @@ import logging
 import time
 from datetime import UTC
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
+from cds_service.settings import Settings
 from cds_service.wire import JobRecord
 from cds_service.wire import ModelJobRequest
+from cds_service.wire import ModelRole
+from cds_service.wire import ModelTask
 
 log = logging.getLogger(__name__)
 
@@ -118,30 +122,61 @@ class JobStore:
 
 
 class JobQueue:
-    """The handle a hook handler gets: request a model job and wait for it, never past the hook's deadline."""
+    """The handle a hook handler gets (``wire.ModelJobs``): request a model job, never waiting past the deadline."""
 
-    def __init__(self, store: JobStore, send: Any, deadline: float, status_url: str) -> None:
+    def __init__(
+        self, store: JobStore, send: Callable[[str, str], None], settings: Settings, service_id: str, deadline: float
+    ) -> None:
         self.store = store
         self._send = send
+        self._settings = settings
+        self._service_id = service_id
         self.deadline = deadline
-        self.status_url = status_url
 
-    def request(self, job: ModelJobRequest) -> JobRecord | None:
-        """Enqueue ``job`` unless it exists, wait until done or the deadline; None when Redis is unreachable."""
+    def request(
+        self,
+        task: ModelTask,
+        role: ModelRole,
+        system_prompt: str,
+        user_prompt: str,
+        *,
+        evidence: list[str],
+        input_hashes: list[str],
+        images_b64: list[str] | None = None,
+    ) -> JobRecord | None:
+        """Enqueue the job unless it exists, wait until done or the deadline; None when Redis is unreachable."""
+        settings = self._settings
+        model, revision = (
+            (settings.text_model, settings.text_model_revision)
+            if role == "text"
+            else (settings.image_model, settings.image_model_revision)
+        )
+        job = ModelJobRequest(
+            service_id=self._service_id,
+            task=task,
+            role=role,
+            model=model,
+            revision=revision,
+            system_prompt=system_prompt,
+            user_prompt=user_prompt,
+            images_b64=images_b64 or [],
+            evidence=evidence,
+            input_hashes=input_hashes,
+            max_new_tokens=settings.max_new_tokens,
+        )
         try:
             job_id, created = self.store.create(job)
             if created:
-                self._send(job_id, job.role)
+                self._send(job_id, role)
             record = self.store.get(job_id)
             while record is not None and record.state in ("queued", "running") and time.monotonic() < self.deadline:
                 time.sleep(min(POLL_INTERVAL_S, max(0.0, self.deadline - time.monotonic())))
                 record = self.store.get(job_id)
             return record
-        except (redis.RedisError, OSError) as exc:
-            # Degrade, never fail: without Redis the hook still answers its rule cards.
+        except Exception as exc:  # noqa: BLE001 - Redis or broker down: degrade to the rule cards
             log.warning("model job unavailable: %s", type(exc).__name__)
             return None
 
     def job_url(self, job_id: str) -> str:
         """Return the public URL of a job's status."""
-        return f"{self.status_url}/{job_id}"
+        return f"{self._settings.public_url.rstrip('/')}/jobs/{job_id}"

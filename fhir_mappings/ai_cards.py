@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
 from cds_service.wire import JobRecord
 from cds_service.wire import Card
 from cds_service.wire import Link
@@ -36,7 +34,10 @@ def evidence_links(evidence: list[str], fhir_server: str | None) -> list[Link]:
     if not fhir_server:
         return []
     base = fhir_server.rstrip("/")
-    return [Link(label=f"Evidence: {ref}", url=f"{base}/{ref}", type="absolute") for ref in evidence[:MAX_EVIDENCE_LINKS]]
+    return [
+        Link(label=f"Evidence: {ref}", url=f"{base}/{ref}", type="absolute")
+        for ref in evidence[:MAX_EVIDENCE_LINKS]
+    ]
 
 
 def pending_card(what: str, job_url: str) -> Card:
@@ -74,7 +75,9 @@ def summary_ai_card(
     )
 
 
-def job_cards(record: JobRecord | None, what: str, job_url: Callable[[str], str], done: Callable[[Any], Card]) -> list[Card]:
+def job_cards(
+    record: JobRecord | None, what: str, job_url: Callable[[str], str], done: Callable[[JobRecord], Card]
+) -> list[Card]:
     """Return the card for a model job's state: its result when done, "running" while pending, none on failure.
 
     A failed job (e.g. output cut at max_new_tokens) shows no card; its error stays on the job record.
@@ -84,3 +87,15 @@ def job_cards(record: JobRecord | None, what: str, job_url: Callable[[str], str]
     if record.state == "done" and record.result is not None:
         return [done(record)]
     return [pending_card(what, job_url(record.id))]
+
+
+def summary_job_cards(
+    record: JobRecord | None, offered: list[str], fhir_server: str | None, job_url: Callable[[str], str]
+) -> list[Card]:
+    """Return the AI pre-visit summary card, the "running" card, or nothing, for a summary job."""
+
+    def done(finished: JobRecord) -> Card:
+        output = PatientSummaryOutput.model_validate(finished.result)
+        return summary_ai_card(output, finished, offered, fhir_server)
+
+    return job_cards(record, "Pre-visit summary", job_url, done)

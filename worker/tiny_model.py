@@ -187,6 +187,9 @@ def build_tiny_model(directory: Path, seed: int = 0, *, text_only: bool = False)
             initializer_range=text_config.initializer_range,
         )
         model = Gemma3ForConditionalGeneration(config)
+        # transformers starts the image projection at zero (as for fine-tuning), which would make every image
+        # look alike to the model; random values let tests see that images change the answer.
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.25)
     # Mirrors the sampling defaults the MedGemma checkpoints ship, which the runtime has to override.
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

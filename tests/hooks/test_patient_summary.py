@@ -37,8 +37,11 @@ def test_full_prefetch_gives_one_info_card(client, issuer: Issuer, fhir_server: 
     body = hook_body("patient-view", patient_id, prefetch=full_prefetch(fhir_server, patient_id))
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))
     assert response.status_code == 200, response.json
-    (card,) = response.json["cards"]
+    card, ai_card = response.json["cards"]
     assert card["indicator"] == "info"
+    # No worker consumes the queue in this test: the AI card says it is running, with a status link.
+    assert ai_card["summary"] == "Pre-visit summary: AI analysis is running"
+    assert ai_card["links"][0]["url"].startswith("http://cds.test/jobs/")
     assert card["summary"] == "1 active problem, 3 active medications, 3 allergies"
     assert "Hydrochlorothiazide 25 MG" in card["detail"]
     assert card["source"]["label"]

@@ -1,0 +1,20 @@
+"""The prompts the model tasks send; text only, versioned by their content (it is part of every job id)."""
+
+from __future__ import annotations
+
+SYSTEM_PROMPT = (
+    "You are a clinical decision-support assistant helping a clinician. You are not a clinical-grade system: "
+    "be factual and conservative, never invent findings, and say when the record is insufficient. "
+    "Answer only with the JSON object requested. Cite the record lines you used by their ids, written "
+    "exactly as they appear in square brackets (for example Condition/123)."
+)
+
+
+def summary_prompt(record_text: str) -> str:
+    """Return the user turn asking for a pre-visit summary of the record."""
+    return (
+        "Write a pre-visit summary of this patient's record for the clinician who is about to see them: "
+        "a short summary, the key active problems, medication concerns (interactions, duplications, "
+        "monitoring due), and follow-up items (overdue labs, vitals out of range).\n\n"
+        f"Record:\n{record_text}"
+    )

@@ -1,0 +1,69 @@
+"""The Celery app of the model workers, built from ``Settings`` (never at import time).
+
+Redis is broker and result backend. Two queues, so text and image models can run on different GPUs.
+Importing this module never imports torch: the API process builds the same app only to send tasks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+from cds_service.jobs import QUEUES
+from cds_service.jobs import TASK_NAME
+from cds_service.settings import Settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Return a Celery app configured for the model queues, with the model task registered."""
+    app = Celery("medgemma_cds", broker=settings.redis_url, backend=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        # JSON only: a pickle message from anyone who can write to Redis would be code execution.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Late ack + reject on a lost worker: a task killed mid-run is redelivered; it is idempotent.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        result_expires=settings.result_ttl_s,
+        # A message unacked past the visibility timeout is redelivered, so it must outlast the hard limit.
+        broker_transport_options={"visibility_timeout": settings.task_time_limit_s + 60},
+        broker_connection_retry_on_startup=True,
+        # The API sends from inside a hook: it must fail fast rather than retry a dead broker.
+        task_publish_retry=False,
+        broker_connection_timeout=1,
+        task_queues=[Queue(name) for name in QUEUES.values()],
+        task_default_queue=QUEUES["text"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    from worker.tasks import register_tasks
+
+    register_tasks(app, settings)
+    return app
+
+
+def run_worker(settings: Settings, *, queue: str, concurrency: int, pool: str) -> int:
+    """Run a worker consuming one model queue until it is stopped; return its exit code."""
+    # One torch thread per prefork child: N children each spawning all-core thread pools thrash the CPU.
+    if pool == "prefork":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    app = make_celery(settings)
+    argv = [
+        "worker",
+        f"--queues={QUEUES[queue]}",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--hostname={queue}@%h-{os.getpid()}",
+        "--loglevel=INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    app.worker_main(argv)
+    return 0
