@@ -116,7 +116,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     from cds_service import api
     from cds_service import errors_http
+    from cds_service import openapi
 
     errors_http.register(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(openapi.bp)
     return app

@@ -1,20 +1,17 @@
 """Shared fixtures: real PostgreSQL, Redis and FHIR server, a JWT issuer the service trusts, app and client.
 
 Servers start once per run; each test gets a fresh app over them (flaskr's settings → app → client chain).
+Helpers and handles the fixtures return live in ``support.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,56 +21,25 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
-from joserfc import jwt
 from joserfc.jwk import ECKey
+from support import FHIR_TOKEN
+from support import ISSUER
+from support import PG_ADMIN_URL
+from support import PUBLIC_URL
+from support import REDIS_URL
+from support import SAMPLE
+from support import FhirServer
+from support import Issuer
+from support import LiveServer
+from support import ModelWorker
+from support import free_port
+from support import model_env
+from support import service_env
+from support import wait_for_http
 
 from cds_service.app import create_app
 from cds_service.settings import Settings
 from cds_service.store import Store
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "cds_service" / "data" / "sample"
-SHARED_DATA = ROOT.parent / "shared" / "data"
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-FHIR_TOKEN = "fhir-test-token-3f9a"
-PUBLIC_URL = "http://cds.test"
-ISSUER = "https://ehr.test"
-
-
-def free_port() -> int:
-    """Return a free TCP port on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_http(url: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None) -> None:
-    """Poll ``url`` until it answers anything below 500."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, headers=headers, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up in {timeout_s} s")
-
-
-@dataclass(frozen=True)
-class FhirServer:
-    """A running sekmet FHIR R4 server loaded with the sample patients."""
-
-    base_url: str
-    token: str
-    patients: dict[str, str]  # family name -> Patient id
-
-    def get(self, path: str) -> dict[str, Any]:
-        """GET a resource or search from the server as JSON."""
-        response = httpx.get(f"{self.base_url}/{path}", headers={"Authorization": f"Bearer {self.token}"})
-        response.raise_for_status()
-        return dict(response.json())
 
 
 @pytest.fixture(scope="session")
@@ -140,27 +106,6 @@ def redis_client() -> redis.Redis:
     return client
 
 
-@dataclass(frozen=True)
-class Issuer:
-    """An EHR that signs CDS Hooks JWTs (ES384) with a key the service trusts through a JWKS file."""
-
-    iss: str
-    key: ECKey
-    kid: str
-    trust_file: Path
-
-    def token(self, audience: str, **claims: Any) -> str:
-        """Return a fresh signed JWT for ``audience`` as the spec's §Trusting CDS Clients shapes it."""
-        now = int(time.time())
-        body = {"iss": self.iss, "aud": audience, "exp": now + 300, "iat": now, "jti": uuid.uuid4().hex}
-        body.update(claims)
-        return jwt.encode({"alg": "ES384", "typ": "JWT", "kid": self.kid}, body, self.key, algorithms=["ES384"])
-
-    def headers(self, path: str) -> dict[str, str]:
-        """Return an Authorization header for a call to ``PUBLIC_URL + path``."""
-        return {"Authorization": f"Bearer {self.token(PUBLIC_URL + path)}"}
-
-
 @pytest.fixture(scope="session")
 def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
     """Generate an ES384 key, write its public JWKS and a trusted-issuers file naming it."""
@@ -215,36 +160,22 @@ def hook_body() -> Callable[..., dict[str, Any]]:
     return build
 
 
-@dataclass(frozen=True)
-class LiveServer:
-    """The service run as users run it: ``medgemma-cds serve`` (gunicorn) on a loopback port."""
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the tiny random-weight Gemma3 image-text checkpoint once per run (as build-tiny-model does)."""
+    from worker.tiny_model import build_tiny_model
 
-    url: str
-    env: dict[str, str]
-
-
-def service_env(database_url: str, issuer: Issuer, public_url: str, **extra: str) -> dict[str, str]:
-    """Return the environment that configures a service or worker process for the test servers."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "MEDGEMMA_CDS_DATABASE_URL": database_url,
-            "MEDGEMMA_CDS_REDIS_URL": REDIS_URL,
-            "MEDGEMMA_CDS_PUBLIC_URL": public_url,
-            "MEDGEMMA_CDS_TRUSTED_ISSUERS": str(issuer.trust_file),
-            "MEDGEMMA_CDS_FHIR_ALLOW_HTTP_LOOPBACK": "true",
-        }
-    )
-    env.update(extra)
-    return env
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"))
 
 
 @pytest.fixture(scope="session")
-def live_server(database_url: str, issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def live_server(
+    database_url: str, issuer: Issuer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
     """Start ``medgemma-cds serve`` once per run and stop it at the end."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = service_env(database_url, issuer, url)
+    env = service_env(database_url, issuer, url, **model_env(tiny_model_dir))
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port), "--workers", "2"],
@@ -258,3 +189,28 @@ def live_server(database_url: str, issuer: Issuer, tmp_path_factory: pytest.Temp
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def model_worker(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelWorker]:
+    """Start a text worker and an image worker configured like the live server; stop them at the end."""
+    log_dir = tmp_path_factory.mktemp("worker")
+    processes = [
+        subprocess.Popen(
+            [str(Path(sys.executable).parent / "medgemma-cds"), "worker", "--queue", queue, "--concurrency", "1"],
+            env=live_server.env,
+            stdout=(log_dir / f"{queue}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for queue in ("text", "image")
+    ]
+    try:
+        yield ModelWorker(processes=processes, log_dir=log_dir)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -71,7 +71,7 @@ class GenerationResult:
 
 @dataclass
 class ModelRuntime:
-    """A loaded processor and model, with the llguidance tokenizer and grammars cached per schema."""
+    """A loaded processor and model, with llguidance's view of the tokenizer and a grammar per schema."""
 
     model_id: str
     model_version: str
@@ -82,7 +82,7 @@ class ModelRuntime:
     accepts_images: bool
     _eos_ids: list[int] = field(init=False)
     _vocab_size: int = field(init=False)
-    _ll_tokenizer: llguidance.LLTokenizer | None = field(default=None, init=False)
+    _ll_tokenizer: llguidance.LLTokenizer = field(init=False)
     _executor: llguidance.LLExecutor = field(default_factory=llguidance.LLExecutor, init=False)
     _matchers: dict[type[BaseModel], llguidance.LLMatcher] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -93,6 +93,10 @@ class ModelRuntime:
         self._eos_ids = [eos] if isinstance(eos, int) else list(eos)
         # The logits are as wide as the embedding, which Gemma pads past the tokenizer (262,208 > 262,145).
         self._vocab_size = self.model.config.get_text_config().vocab_size
+        # Seconds for Gemma's 262k vocabulary, so it is built with the model rather than on the first request.
+        self._ll_tokenizer = llguidance.hf.from_tokenizer(
+            self._tokenizer, n_vocab=self._vocab_size, eos_token=self._eos_ids
+        )
 
     @property
     def _tokenizer(self) -> Any:
@@ -171,12 +175,6 @@ class ModelRuntime:
 
     def _matcher(self, schema: type[BaseModel]) -> llguidance.LLMatcher:
         """Return a fresh matcher for ``schema``, copied from one compiled on first use."""
-        if self._ll_tokenizer is None:
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                self._tokenizer,
-                n_vocab=self._vocab_size,
-                eos_token=self._eos_ids,
-            )
         template = self._matchers.get(schema)
         if template is None:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
@@ -304,7 +302,7 @@ class _GrammarConstraint(LogitsProcessor):
         self.executor = executor
         self.finished = [False] * len(matchers)
         self.errors: list[str | None] = [None] * len(matchers)
-        # 32 token bits per int32 word, as llguidance writes them; pinned so copies to a GPU are asynchronous.
+        # 32 token bits per int32 word, as llguidance writes them; pinned for fast copies to a GPU.
         self.bitmask = torch.full(
             (len(matchers), (vocab_size + 31) // 32),
             -1,
@@ -334,7 +332,7 @@ class _GrammarConstraint(LogitsProcessor):
             self.executor.unsafe_compute_mask_ptr(
                 constrained, self.bitmask.data_ptr(), row_bytes, self.bitmask.shape[0]
             )
-        allowed = _unpack_bits(self.bitmask.to(scores.device, non_blocking=True))[:, : scores.shape[1]]
+        allowed = _unpack_bits(self.bitmask.to(scores.device))[:, : scores.shape[1]]
         scores = scores.masked_fill(~allowed, float("-inf"))
         if forced:
             scores[forced] = float("-inf")

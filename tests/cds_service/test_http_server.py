@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import httpx
-from conftest import FhirServer
-from conftest import Issuer
-from conftest import LiveServer
+from support import FhirServer
+from support import Issuer
+from support import LiveServer
 
 
 def test_discovery_over_http_with_cors(live_server: LiveServer) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from conftest import PUBLIC_URL
+from support import PUBLIC_URL
 
 from cds_service.store import Store
 
@@ -196,7 +196,7 @@ def test_health_and_readiness(client) -> None:
 
 
 def test_readiness_says_what_is_missing_when_redis_is_down(settings) -> None:
-    from conftest import free_port
+    from support import free_port
 
     from cds_service.app import create_app
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import FhirServer
-from conftest import Issuer
+from support import FhirServer
+from support import Issuer
 
 PATH = "/cds-services/patient-summary"
 
@@ -86,7 +86,7 @@ def test_missing_prefetch_without_fhir_server_is_412(client, issuer, fhir_server
 
 
 def test_unreachable_fhir_server_is_412_naming_the_key(client, issuer, hook_body) -> None:
-    from conftest import free_port
+    from support import free_port
 
     body = hook_body("patient-view", "abc", fhirServer=f"http://127.0.0.1:{free_port()}/fhir")
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))

@@ -1,0 +1,341 @@
+"""Serves ``GET /openapi.json``: an OpenAPI 3.1 description of the service, generated from the wire models.
+
+Request and response bodies come from the pydantic models in ``cds_service/wire.py`` (requests in validation
+mode, responses in serialization mode, so each side is described as it is parsed or written); the error
+bodies are the ones ``errors.py`` renders. The document is built once per app from its registry and routes,
+without I/O, and served from that cache afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint
+from flask import Flask
+from flask import Response
+from flask import current_app
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
+from pydantic.json_schema import models_json_schema
+
+from cds_service.wire import HOOK_CONTEXTS
+from cds_service.wire import DiscoveryResponse
+from cds_service.wire import FeedbackRequest
+from cds_service.wire import HookRequest
+from cds_service.wire import HookResponse
+from cds_service.wire import JobRecord
+
+bp = Blueprint("openapi", __name__)
+
+OPENAPI_VERSION = "3.1.0"
+SECURITY_SCHEME = "cdsHooksJwt"
+_CACHE_KEY = "cds_openapi_json"
+_SCHEMA_REF = "#/components/schemas/{model}"
+
+# Each model in the mode its bodies cross the wire: parsed (validation) or written (serialization).
+_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+    (HookRequest, "validation"),
+    (FeedbackRequest, "validation"),
+    *((context, "validation") for context in HOOK_CONTEXTS.values()),
+    (HookResponse, "serialization"),
+    (DiscoveryResponse, "serialization"),
+    (JobRecord, "serialization"),
+]
+
+_ERROR = {
+    "type": "object",
+    "description": "Every error answer but 412: a stable code and a message without PHI or tokens.",
+    "required": ["error", "message"],
+    "properties": {
+        "error": {"type": "string", "description": "Stable machine-readable code, e.g. bad-request."},
+        "message": {"type": "string"},
+        "details": {
+            "type": "array",
+            "description": "One entry per failing field (400); input values are never echoed.",
+            "items": {
+                "type": "object",
+                "required": ["field", "problem"],
+                "properties": {"field": {"type": "string"}, "problem": {"type": "string"}},
+            },
+        },
+        "requestId": {"type": "string", "description": "Present on 500: quote it to the operator."},
+    },
+}
+
+# CDS Hooks 2.0 §Prefetch: data that can be neither prefetched nor read answers 412; the body is an R4
+# OperationOutcome naming the prefetch key (as the 3.0 ballot adds).
+_OPERATION_OUTCOME = {
+    "type": "object",
+    "description": "FHIR R4 OperationOutcome: which prefetch key could not be obtained and why.",
+    "required": ["resourceType", "issue"],
+    "properties": {
+        "resourceType": {"const": "OperationOutcome"},
+        "issue": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["severity", "code"],
+                "properties": {
+                    "severity": {"enum": ["fatal", "error", "warning", "information"]},
+                    "code": {"type": "string"},
+                    "diagnostics": {"type": "string"},
+                    "expression": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": _ERROR,
+    "OperationOutcome": _OPERATION_OUTCOME,
+    "FeedbackAccepted": {
+        "type": "object",
+        "description": "§Feedback: an empty object.",
+        "maxProperties": 0,
+    },
+    "FeedbackSummary": {
+        "type": "object",
+        "required": ["services"],
+        "properties": {
+            "services": {
+                "type": "object",
+                "description": "Counts per service id.",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["accepted", "overridden"],
+                    "properties": {
+                        "accepted": {"type": "integer", "minimum": 0},
+                        "overridden": {"type": "integer", "minimum": 0},
+                    },
+                },
+            }
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"const": "ok"}},
+    },
+    "Readiness": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": {"enum": ["ready", "not-ready"]},
+            "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
+            "missing": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+}
+
+# status -> (component name, description); 412 has its own body shape.
+_ERROR_RESPONSES: dict[int, tuple[str, str]] = {
+    400: (
+        "BadRequest",
+        "Malformed JSON, a field that fails validation, or a fhirServer refused by the guard.",
+    ),
+    401: ("Unauthorized", "Missing or invalid JWT (any reason; the reason is only logged)."),
+    404: ("NotFound", "No such service or job."),
+    412: ("PrefetchFailed", "Data the service needs was neither prefetched nor readable from fhirServer."),
+    413: ("PayloadTooLarge", "Body larger than the configured limit."),
+    415: ("UnsupportedMediaType", "Body is not JSON."),
+    500: ("InternalError", "Unexpected failure; the body carries a request id, the log the details."),
+    502: ("FhirServerError", "fhirServer answered with an error or invalid FHIR."),
+    503: ("Unavailable", "A dependency (e.g. the JWT replay store) is down."),
+    504: ("FhirServerTimeout", "fhirServer did not answer in time."),
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _SCHEMA_REF.format(model=name)}
+
+
+def _response(description: str, schema: dict[str, Any], **headers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"X-Request-Id": {"$ref": "#/components/headers/RequestId"}, **headers},
+        "content": _json(schema),
+    }
+
+
+def _errors(*statuses: int) -> dict[str, dict[str, str]]:
+    return {
+        str(status): {"$ref": f"#/components/responses/{_ERROR_RESPONSES[status][0]}"} for status in statuses
+    }
+
+
+def _error_components() -> dict[str, dict[str, Any]]:
+    responses: dict[str, dict[str, Any]] = {}
+    for status, (name, description) in _ERROR_RESPONSES.items():
+        body = _ref("OperationOutcome") if status == 412 else _ref("Error")
+        if status == 401:
+            www_authenticate = {"description": "Always Bearer.", "schema": {"type": "string"}}
+            responses[name] = _response(description, body, **{"WWW-Authenticate": www_authenticate})
+        else:
+            responses[name] = _response(description, body)
+    return responses
+
+
+def model_schemas() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Return each wire model's ``$ref`` (by model name) and every schema they need (by component name)."""
+    refs, top = models_json_schema(_MODELS, by_alias=True, ref_template=_SCHEMA_REF)
+    schemas: dict[str, dict[str, Any]] = dict(top.get("$defs", {}))
+    by_name = {model.__name__: ref for (model, _mode), ref in refs.items()}
+    hook_request = schemas[by_name["HookRequest"]["$ref"].rsplit("/", 1)[-1]]
+    # The model takes any hook name and a plain context object and checks both against the service called;
+    # the document names the hooks understood and their context shapes, which is what a caller needs.
+    hook_request["properties"]["hook"] = {
+        "type": "string",
+        "enum": sorted(HOOK_CONTEXTS),
+        "description": "The hook that fired; it must be the hook of the service called (see discovery).",
+    }
+    hook_request["properties"]["context"] = {
+        "type": "object",
+        "description": "The hook's context (https://cds-hooks.org/hooks/): one shape per hook.",
+        "anyOf": [by_name[context.__name__] for context in HOOK_CONTEXTS.values()],
+    }
+    hook_response = schemas[by_name["HookResponse"]["$ref"].rsplit("/", 1)[-1]]
+    # wire() always writes cards, even empty (§CDS Service Response: "cards" is REQUIRED).
+    hook_response["required"] = ["cards"]
+    return by_name, schemas
+
+
+def build_document(app: Flask) -> dict[str, Any]:
+    """Return the OpenAPI 3.1 document of ``app``: its routes, registered service ids and wire models."""
+    services = app.extensions["cds"]
+    refs, schemas = model_schemas()
+    service_ids = sorted(services.registry.services)
+    service_id = {
+        "name": "service_id",
+        "in": "path",
+        "required": True,
+        "description": "A service id from discovery.",
+        "schema": {"type": "string", "enum": service_ids},
+    }
+    jwt = [{SECURITY_SCHEME: []}]
+    paths: dict[str, Any] = {
+        "/cds-services": {
+            "get": {
+                "operationId": "discovery",
+                "summary": "§Discovery: the services offered, sorted by id (no authentication, no PHI).",
+                "responses": {
+                    "200": _response("The services.", refs["DiscoveryResponse"]),
+                    **_errors(500),
+                },
+            }
+        },
+        "/cds-services/{service_id}": {
+            "post": {
+                "operationId": "callService",
+                "summary": "§Calling a CDS Service: run the hook and answer its cards.",
+                "security": jwt,
+                "parameters": [service_id],
+                "requestBody": {"required": True, "content": _json(refs["HookRequest"])},
+                "responses": {
+                    "200": _response("Cards (possibly none) and system actions.", refs["HookResponse"]),
+                    **_errors(400, 401, 404, 412, 413, 415, 500, 502, 503, 504),
+                },
+            }
+        },
+        "/cds-services/{service_id}/feedback": {
+            "post": {
+                "operationId": "feedback",
+                "summary": "§Feedback: what the clinician did with each card.",
+                "security": jwt,
+                "parameters": [service_id],
+                "requestBody": {"required": True, "content": _json(refs["FeedbackRequest"])},
+                "responses": {
+                    "200": _response("Feedback stored.", _ref("FeedbackAccepted")),
+                    **_errors(400, 401, 404, 413, 415, 500, 503),
+                },
+            }
+        },
+        "/feedback/summary": {
+            "get": {
+                "operationId": "feedbackSummary",
+                "summary": "For operators: accepted and overridden counts per service (no PHI).",
+                "responses": {"200": _response("Counts.", _ref("FeedbackSummary")), **_errors(500)},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "liveness",
+                "summary": "Liveness: the process answers.",
+                "responses": {"200": _response("Alive.", _ref("Health")), **_errors(500)},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readiness",
+                "summary": "Readiness: services loaded, database and Redis answer.",
+                "responses": {
+                    "200": _response("Ready.", _ref("Readiness")),
+                    "503": _response("Not ready; missing names what is down.", _ref("Readiness")),
+                    **_errors(500),
+                },
+            }
+        },
+    }
+    # The job endpoint belongs to the model-job feature; describe it only where this app serves it.
+    if any(rule.rule == "/jobs/<job_id>" for rule in app.url_map.iter_rules()):
+        paths["/jobs/{job_id}"] = {
+            "get": {
+                "operationId": "jobStatus",
+                "summary": "A model job's state, timestamps and, when done, its result.",
+                "security": jwt,
+                "parameters": [
+                    {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": _response("The job.", refs["JobRecord"]),
+                    **_errors(401, 404, 500, 503),
+                },
+            }
+        }
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "medgemma-cds",
+            "version": "2.0",
+            "summary": "CDS Hooks 2.0 services backed by MedGemma.",
+            "description": "Implements CDS Hooks 2.0 (https://cds-hooks.hl7.org/2.0/).",
+        },
+        "servers": [{"url": services.settings.public_url.rstrip("/") or "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": {**schemas, **_EXTRA_SCHEMAS},
+            "responses": _error_components(),
+            "headers": {
+                "RequestId": {
+                    "description": "The request's id, as in the service's log lines.",
+                    "schema": {"type": "string"},
+                }
+            },
+            "securitySchemes": {
+                SECURITY_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": (
+                        "CDS Hooks 2.0 §Trusting CDS Clients: a JWT signed by a trusted EHR, its aud the "
+                        "exact URL called, used once (jti)."
+                    ),
+                }
+            },
+        },
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> Response:
+    """Return the app's OpenAPI 3.1 document (built on first use, then served from the app's cache)."""
+    text = current_app.extensions.get(_CACHE_KEY)
+    if text is None:
+        text = current_app.json.dumps(build_document(current_app))
+        current_app.extensions[_CACHE_KEY] = text
+    return Response(text, mimetype="application/json")

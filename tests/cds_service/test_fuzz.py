@@ -1,0 +1,279 @@
+"""Fuzzing with valid JWTs: schemathesis from the OpenAPI document, then hostile hook bodies from hypothesis.
+
+Neither may ever produce a 5xx, and every answer must be one the document describes. The app under test has
+no FHIR server allowlist and no loopback exception, so no generated ``fhirServer`` can cause a connection.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+import redis
+import schemathesis
+from flask import Flask
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import content_type_conformance
+from schemathesis.specs.openapi.checks import response_headers_conformance
+from schemathesis.specs.openapi.checks import response_schema_conformance
+from schemathesis.specs.openapi.checks import status_code_conformance
+from support import PUBLIC_URL
+from support import REDIS_URL
+from support import Issuer
+
+from cds_service.app import create_app
+from cds_service.settings import Settings
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+# Modest budgets keep the whole file well under a minute; the database is off so no .hypothesis/ appears.
+FUZZ = hypothesis_settings(
+    max_examples=30,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+OPERATIONS = [
+    ("/cds-services", "GET", [GenerationMode.POSITIVE]),
+    ("/cds-services/{service_id}", "POST", list(GenerationMode)),
+    ("/cds-services/{service_id}/feedback", "POST", list(GenerationMode)),
+    ("/feedback/summary", "GET", [GenerationMode.POSITIVE]),
+    ("/healthz", "GET", [GenerationMode.POSITIVE]),
+    ("/readyz", "GET", [GenerationMode.POSITIVE]),
+    ("/jobs/{job_id}", "GET", list(GenerationMode)),
+]
+SERVICES = ["/cds-services/patient-summary", "/cds-services/order-review"]
+
+
+# The model jobs fuzzed calls enqueue go to a Redis database of their own, so no test worker runs them.
+FUZZ_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/14"
+
+
+@pytest.fixture
+def fuzz_app(settings: Settings) -> Iterator[Flask]:
+    """The app with every fhirServer refused (no allowlist, no loopback), a short hook budget, its own Redis."""
+    update = {"fhir_allow_http_loopback": False, "hook_budget_ms": 50, "redis_url": FUZZ_REDIS_URL}
+    yield create_app(settings.model_copy(update=update))
+    redis.Redis.from_url(FUZZ_REDIS_URL).flushdb()
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "mode"),
+    [(path, method, mode) for path, method, modes in OPERATIONS for mode in modes],
+    ids=lambda value: str(value),
+)
+def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
+    fuzz_app: Flask, issuer: Issuer, path: str, method: str, mode: GenerationMode
+) -> None:
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", fuzz_app)
+    if path not in schema:
+        pytest.skip(f"this app does not serve {path}")
+    operation = schema[path][method]
+
+    @FUZZ
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def exercise(case: schemathesis.Case) -> None:
+        # Each call gets its own JWT: its aud is the exact URL called and its jti is single-use.
+        token = issuer.token(PUBLIC_URL + unquote(case.formatted_path))
+        case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
+
+    exercise()
+
+
+def junk() -> st.SearchStrategy[Any]:
+    """Any JSON value: unicode (lone surrogates included), huge strings, NaN and deep nesting."""
+    leaves = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.floats(allow_nan=True, allow_infinity=True)
+        | st.text(max_size=40)
+        | st.sampled_from(["", "\x00", "\u202e", "\ud800", "😷" * 50, "Patient/", "../../etc", "x" * 100_000])
+    )
+    return st.recursive(
+        leaves,
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+        ),
+        max_leaves=24,
+    )
+
+
+def nested(depth: int) -> Any:
+    """Return a list nested ``depth`` levels deep."""
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+IDS = st.from_regex(r"\A[A-Za-z0-9\-\.]{1,64}\Z")
+TEXT = st.text(max_size=30)
+PATIENT = st.fixed_dictionaries(
+    {"resourceType": st.just("Patient")},
+    optional={
+        "id": IDS,
+        "name": st.lists(
+            st.fixed_dictionaries({"family": TEXT}, optional={"given": st.lists(TEXT, max_size=2)})
+        ),
+        "birthDate": st.dates().map(str),
+        "gender": st.sampled_from(["male", "female", "other", "unknown"]),
+    },
+)
+CONDITION = st.fixed_dictionaries(
+    {"resourceType": st.just("Condition"), "subject": st.just({"reference": "Patient/p1"})},
+    optional={"code": st.fixed_dictionaries({"text": TEXT})},
+)
+BUNDLE = st.fixed_dictionaries(
+    {"resourceType": st.just("Bundle"), "type": st.sampled_from(["searchset", "collection"])},
+    optional={"entry": st.lists(st.fixed_dictionaries({"resource": PATIENT | CONDITION}), max_size=3)},
+)
+HOOKS = {"/cds-services/patient-summary": "patient-view", "/cds-services/order-review": "order-select"}
+PREFETCH_KEYS = ["patient", "conditions", "medications", "allergies", "observations"]
+# Where a plausible body gets broken: each path is replaced by junk or deleted.
+WEAK_SPOTS = [
+    ("hook",),
+    ("hookInstance",),
+    ("context",),
+    ("context", "userId"),
+    ("context", "patientId"),
+    ("context", "encounterId"),
+    ("context", "selections"),
+    ("context", "draftOrders"),
+    ("context", "draftOrders", "entry"),
+    ("prefetch",),
+    *(("prefetch", key) for key in PREFETCH_KEYS),
+    ("prefetch", "patient", "name"),
+    ("prefetch", "conditions", "entry"),
+    ("fhirServer",),
+    ("fhirAuthorization",),
+    ("fhirAuthorization", "access_token"),
+    ("fhirAuthorization", "expires_in"),
+    ("extension",),
+]
+DELETE = object()
+
+
+@st.composite
+def hook_calls(draw: st.DrawFn) -> tuple[str, Any]:
+    """Return a service path and a hook body: plausible for that service, then broken in a few places."""
+    path = draw(st.sampled_from(sorted(HOOKS)))
+    context: dict[str, Any] = {"userId": f"Practitioner/{draw(IDS)}", "patientId": draw(IDS)}
+    if HOOKS[path] == "order-select":
+        context |= {"selections": draw(st.lists(TEXT, min_size=1, max_size=2)), "draftOrders": draw(BUNDLE)}
+    body: dict[str, Any] = {"hook": HOOKS[path], "hookInstance": str(draw(st.uuids())), "context": context}
+    resources = st.none() | PATIENT | BUNDLE
+    body["prefetch"] = {key: draw(resources) for key in draw(st.sets(st.sampled_from(PREFETCH_KEYS)))}
+    if draw(st.booleans()):
+        # Every fhirServer is refused by this app's guard, so none of these is ever connected to.
+        body["fhirServer"] = draw(st.sampled_from(["https://fhir.example.org/r4", "http://127.0.0.1:9/fhir"]))
+        body["fhirAuthorization"] = {
+            "access_token": draw(TEXT),
+            "token_type": "Bearer",
+            "expires_in": draw(st.integers(min_value=0)),
+            "scope": "patient/*.read",
+            "subject": draw(TEXT),
+        }
+    for spot in draw(st.lists(st.sampled_from(WEAK_SPOTS), max_size=3, unique=True)):
+        parent = body
+        for name in spot[:-1]:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            value = draw(st.just(DELETE) | junk())
+            if value is DELETE:
+                parent.pop(spot[-1], None)
+            else:
+                parent[spot[-1]] = value
+    return path, body
+
+
+BODY = st.one_of(
+    junk(),
+    st.integers(min_value=65, max_value=400).map(lambda depth: {"context": nested(depth)}),
+)
+
+
+def assert_well_formed_answer(response: Any, accepted: dict[str, Any] | None = None) -> None:
+    """Fail on a 5xx, or on an answer that isn't a 200, an error body, or a 412 OperationOutcome.
+
+    A 200 must carry cards, or equal ``accepted`` where that is given (feedback answers ``{}``).
+    """
+    assert response.status_code < 500, response.get_data(as_text=True)[:500]
+    assert response.is_json, response.mimetype
+    body = response.json
+    if response.status_code == 200:
+        assert body == accepted if accepted is not None else isinstance(body.get("cards"), list)
+    elif response.status_code == 412:
+        assert body["resourceType"] == "OperationOutcome" and body["issue"]
+    else:
+        assert 400 <= response.status_code < 500
+        assert isinstance(body["error"], str) and isinstance(body["message"], str)
+
+
+@pytest.fixture
+def fuzz_client(fuzz_app: Flask) -> FlaskClient:
+    """Test client of the fuzzing app."""
+    return fuzz_app.test_client()
+
+
+@hypothesis_settings(FUZZ, max_examples=150)
+@given(call=hook_calls())
+def test_hostile_hook_bodies_answer_4xx_json_never_5xx(
+    fuzz_client: FlaskClient, issuer: Issuer, call: tuple[str, Any]
+) -> None:
+    path, body = call
+    # allow_nan: a NaN or Infinity literal is what a hostile client would send; Python's parser accepts it.
+    data = json.dumps(body, allow_nan=True)
+    response = fuzz_client.post(
+        path, data=data, content_type="application/json", headers=issuer.headers(path)
+    )
+    assert_well_formed_answer(response)
+
+
+@FUZZ
+@given(path=st.sampled_from(SERVICES), body=BODY)
+def test_junk_json_answers_4xx_json(fuzz_client: FlaskClient, issuer: Issuer, path: str, body: Any) -> None:
+    data = json.dumps(body, allow_nan=True)
+    response = fuzz_client.post(
+        path, data=data, content_type="application/json", headers=issuer.headers(path)
+    )
+    assert_well_formed_answer(response)
+
+
+@hypothesis_settings(FUZZ, max_examples=40)
+@given(path=st.sampled_from(SERVICES), raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_bytes_that_are_not_json_answer_4xx(
+    fuzz_client: FlaskClient, issuer: Issuer, path: str, raw: bytes
+) -> None:
+    response = fuzz_client.post(path, data=raw, content_type="application/json", headers=issuer.headers(path))
+    assert_well_formed_answer(response)
+
+
+def test_feedback_with_hostile_items_answers_4xx(fuzz_client: FlaskClient, issuer: Issuer) -> None:
+    path = "/cds-services/patient-summary/feedback"
+
+    @FUZZ
+    @given(feedback=st.lists(junk(), max_size=3) | junk())
+    def exercise(feedback: Any) -> None:
+        data = json.dumps({"feedback": feedback, "id": str(uuid.uuid4())}, allow_nan=True)
+        response = fuzz_client.post(
+            path, data=data, content_type="application/json", headers=issuer.headers(path)
+        )
+        assert_well_formed_answer(response, accepted={})
+
+    exercise()

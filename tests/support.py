@@ -1,0 +1,123 @@
+"""Helpers shared by the tests: server handles, the test JWT issuer, free ports and process environments."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from joserfc import jwt
+from joserfc.jwk import ECKey
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "cds_service" / "data" / "sample"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+FHIR_TOKEN = "fhir-test-token-3f9a"
+PUBLIC_URL = "http://cds.test"
+ISSUER = "https://ehr.test"
+
+
+def free_port() -> int:
+    """Return a free TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None) -> None:
+    """Poll ``url`` until it answers anything below 500."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, headers=headers, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up in {timeout_s} s")
+
+
+@dataclass(frozen=True)
+class FhirServer:
+    """A running sekmet FHIR R4 server loaded with the sample patients."""
+
+    base_url: str
+    token: str
+    patients: dict[str, str]  # family name -> Patient id
+
+    def get(self, path: str) -> dict[str, Any]:
+        """GET a resource or search from the server as JSON."""
+        response = httpx.get(f"{self.base_url}/{path}", headers={"Authorization": f"Bearer {self.token}"})
+        response.raise_for_status()
+        return dict(response.json())
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """An EHR that signs CDS Hooks JWTs (ES384) with a key the service trusts through a JWKS file."""
+
+    iss: str
+    key: ECKey
+    kid: str
+    trust_file: Path
+
+    def token(self, audience: str, **claims: Any) -> str:
+        """Return a fresh signed JWT for ``audience`` as the spec's §Trusting CDS Clients shapes it."""
+        now = int(time.time())
+        body = {"iss": self.iss, "aud": audience, "exp": now + 300, "iat": now, "jti": uuid.uuid4().hex}
+        body.update(claims)
+        return jwt.encode({"alg": "ES384", "typ": "JWT", "kid": self.kid}, body, self.key, algorithms=["ES384"])
+
+    def headers(self, path: str) -> dict[str, str]:
+        """Return an Authorization header for a call to ``PUBLIC_URL + path``."""
+        return {"Authorization": f"Bearer {self.token(PUBLIC_URL + path)}"}
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    """The service run as users run it: ``medgemma-cds serve`` (gunicorn) on a loopback port."""
+
+    url: str
+    env: dict[str, str]
+
+
+def service_env(database_url: str, issuer: Issuer, public_url: str, **extra: str) -> dict[str, str]:
+    """Return the environment that configures a service or worker process for the test servers."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "MEDGEMMA_CDS_DATABASE_URL": database_url,
+            "MEDGEMMA_CDS_REDIS_URL": REDIS_URL,
+            "MEDGEMMA_CDS_PUBLIC_URL": public_url,
+            "MEDGEMMA_CDS_TRUSTED_ISSUERS": str(issuer.trust_file),
+            "MEDGEMMA_CDS_FHIR_ALLOW_HTTP_LOOPBACK": "true",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def model_env(tiny_model_dir: Path) -> dict[str, str]:
+    """Return the settings that point both model roles at the tiny checkpoint on CPU."""
+    return {
+        "MEDGEMMA_CDS_TEXT_MODEL": str(tiny_model_dir),
+        "MEDGEMMA_CDS_IMAGE_MODEL": str(tiny_model_dir),
+        "MEDGEMMA_CDS_DEVICE": "cpu",
+        "MEDGEMMA_CDS_HOOK_BUDGET_MS": "300",
+    }
+
+
+@dataclass(frozen=True)
+class ModelWorker:
+    """The ``medgemma-cds worker`` processes (Celery prefork), text and image queues, on the tiny model."""
+
+    processes: list[subprocess.Popen[bytes]]
+    log_dir: Path

@@ -1,0 +1,118 @@
+"""Hooks over HTTP with a real Celery worker process running the tiny model: pending, then the AI card."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import httpx
+from support import FhirServer
+from support import Issuer
+from support import LiveServer
+from support import ModelWorker
+
+PATH = "/cds-services/patient-summary"
+
+
+def post_hook(server: LiveServer, issuer: Issuer, body: dict[str, Any]) -> httpx.Response:
+    token = issuer.token(server.url + PATH)
+    return httpx.post(server.url + PATH, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def job(server: LiveServer, issuer: Issuer, job_id: str) -> dict[str, Any]:
+    path = f"/jobs/{job_id}"
+    response = httpx.get(
+        server.url + path, headers={"Authorization": f"Bearer {issuer.token(server.url + path)}"}
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def wait_for_job(
+    server: LiveServer, issuer: Issuer, job_id: str, states: set[str], timeout_s: float = 120
+) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = job(server, issuer, job_id)
+        if record["state"] in states:
+            return record
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached {states}: {record}")
+
+
+def summary_body(fhir: FhirServer, hook_body, family: str, note: str = "") -> dict[str, Any]:
+    patient_id = fhir.patients[family]
+    patient = fhir.get(f"Patient/{patient_id}")
+    if note:
+        # A changed record (here: the patient's text) must be a new job, not a cache hit.
+        patient["text"] = {
+            "status": "generated",
+            "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{note}</div>',
+        }
+    prefetch = {
+        "patient": patient,
+        "conditions": fhir.get(f"Condition?patient={patient_id}&clinical-status=active"),
+        "medications": fhir.get(f"MedicationRequest?patient={patient_id}&status=active"),
+        "allergies": fhir.get(f"AllergyIntolerance?patient={patient_id}"),
+        "observations": fhir.get(f"Observation?patient={patient_id}&_sort=-date&_count=30"),
+    }
+    return hook_body("patient-view", patient_id, prefetch=prefetch)
+
+
+def job_id_of(card: dict[str, Any]) -> str:
+    return str(card["links"][0]["url"].rsplit("/", 1)[1])
+
+
+def test_model_card_arrives_on_reinvocation(
+    live_server: LiveServer, model_worker: ModelWorker, issuer: Issuer, fhir_server: FhirServer, hook_body
+) -> None:
+    note = f"cache test {uuid.uuid4()}"
+    body = summary_body(fhir_server, hook_body, "Trantow", note=note)
+    first = post_hook(live_server, issuer, body)
+    assert first.status_code == 200
+    rules, pending = first.json()["cards"]
+    assert pending["summary"] == "Pre-visit summary: AI analysis is running"
+    record = wait_for_job(live_server, issuer, job_id_of(pending), {"done", "failed"})
+    assert record["state"] == "done", record.get("error")
+    assert record["attempts"] == 1
+
+    started = time.perf_counter()
+    second = post_hook(live_server, issuer, summary_body(fhir_server, hook_body, "Trantow", note=note))
+    assert time.perf_counter() - started < 2
+    rules_again, ai_card = second.json()["cards"]
+    assert rules_again["summary"] == rules["summary"]
+    assert ai_card["summary"] == "AI pre-visit summary (draft, needs clinician review)"
+    assert "requires clinician review" in ai_card["detail"]
+    assert "not a clinical-grade model" in ai_card["detail"]
+    assert record["model"] in ai_card["source"]["label"]
+
+
+def test_killed_worker_child_redelivers_and_completes_once(
+    live_server: LiveServer, model_worker: ModelWorker, issuer: Issuer, fhir_server: FhirServer, hook_body
+) -> None:
+    note = f"kill test {uuid.uuid4()}"
+    body = summary_body(fhir_server, hook_body, "Erdman", note=note)
+    pending = post_hook(live_server, issuer, body).json()["cards"][-1]
+    job_id = job_id_of(pending)
+    running = wait_for_job(live_server, issuer, job_id, {"running", "done", "failed"})
+    assert running["state"] == "running", "the job finished before it could be killed"
+    pid = int(running_worker_pid(live_server, job_id))
+    os.kill(pid, signal.SIGKILL)
+    finished = wait_for_job(live_server, issuer, job_id, {"done", "failed"})
+    assert finished["state"] == "done", finished.get("error")
+    assert finished["attempts"] == 2
+    again = post_hook(live_server, issuer, summary_body(fhir_server, hook_body, "Erdman", note="kill test"))
+    ai_cards = [c for c in again.json()["cards"] if c["summary"].startswith("AI pre-visit summary")]
+    assert len(ai_cards) == 1
+
+
+def running_worker_pid(server: LiveServer, job_id: str) -> str:
+    import redis
+
+    from cds_service.jobs import JobStore
+
+    client = redis.Redis.from_url(server.env["MEDGEMMA_CDS_REDIS_URL"])
+    return client.hget(JobStore.key(job_id), "worker").decode().rsplit(":", 1)[1]
