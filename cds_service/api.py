@@ -90,7 +90,13 @@ def call_service(service_id: str) -> Response:
     status, outcome, cards = 200, "ok", 0
     try:
         call, response = run_service(
-            definition, body, settings=deps.settings, http=deps.http, executor=deps.executor, jobs=jobs
+            definition,
+            body,
+            settings=deps.settings,
+            http=deps.http,
+            executor=deps.executor,
+            jobs=jobs,
+            drafts=deps.drafts,
         )
         cards = len(response.cards)
         return jsonify(response.wire())

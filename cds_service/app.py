@@ -14,12 +14,14 @@ from flask_cors import CORS
 
 from cds_service.auth import JwtVerifier
 from cds_service.auth import load_trust_config
+from cds_service.drafts import DraftService
 from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import validate_allowlist
 from cds_service.jobs import QUEUES
 from cds_service.jobs import TASK_NAME
 from cds_service.jobs import JobStore
 from cds_service.logging import configure_logging
+from cds_service.metrics import init_metrics
 from cds_service.registry import Registry
 from cds_service.registry import load_registry
 from cds_service.settings import Settings
@@ -58,6 +60,7 @@ class Services:
     executor: ThreadPoolExecutor
     verifier: JwtVerifier | AuthDisabled | NoTrustedIssuers
     jobs: JobStore
+    drafts: DraftService
     send_job: Callable[[str, str], None]
 
 
@@ -83,6 +86,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     celery = make_celery(settings)
+    store = Store(settings.database_url)
+    http = httpx.Client(
+        timeout=httpx.Timeout(settings.fhir_timeout_s, connect=settings.fhir_connect_timeout_s),
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+    )
 
     def send_job(job_id: str, role: str) -> None:
         # The task id is the job id, so Celery's own bookkeeping lines up with the job record.
@@ -91,15 +99,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["cds"] = Services(
         settings=settings,
         registry=load_registry(),
-        store=Store(settings.database_url),
+        store=store,
         redis=redis_client,
-        http=httpx.Client(
-            timeout=httpx.Timeout(settings.fhir_timeout_s, connect=settings.fhir_connect_timeout_s),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-        ),
+        http=http,
         executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="prefetch"),
         verifier=build_verifier(settings, redis_client),
         jobs=JobStore(redis_client, settings.result_ttl_s),
+        drafts=DraftService(store, settings, http),
         send_job=send_job,
     )
 
@@ -115,10 +121,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     from cds_service import api
+    from cds_service import drafts_api
     from cds_service import errors_http
     from cds_service import openapi
 
     errors_http.register(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(drafts_api.bp)
     app.register_blueprint(openapi.bp)
+    init_metrics(app)
     return app

@@ -98,7 +98,7 @@ def demo(args: argparse.Namespace) -> int:
     """Start what is missing, fire both hooks for the demo patient and print the cards."""
     from cds_service.demo import run_demo
 
-    return run_demo(port=args.port)
+    return run_demo(port=args.port, keep_running=args.keep_running, wait_s=args.wait, cache_dir=args.cache_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="one-command local demo")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--keep-running", action="store_true", help="keep everything running until Ctrl-C")
+    p.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the AI card (default 180)")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="where the tiny model is built (default ~/.cache/medgemma-cds)"
+    )
     p.set_defaults(func=demo)
 
     p = sub.add_parser("build-tiny-model", help="write a tiny random Gemma3 image-text checkpoint")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,28 @@ class FhirReader:
         except ValueError as exc:
             raise FhirReadError("invalid", f"FHIR server sent invalid FHIR: {exc}") from None
 
+    def read_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        """GET an attachment URL (relative to the base, or absolute on an allowlisted server); return its bytes.
+
+        A FHIR ``Binary`` answered as JSON is unwrapped (R4 Binary.data); anything else is taken as raw bytes.
+        """
+        target = urljoin(self._base, url)
+        check_fhir_server_url(_without_query(target), self._allowlist, self._allow_http_loopback)
+        headers = {"Accept": "application/fhir+json, image/*, application/dicom;q=0.9, */*;q=0.5"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        response = self._get(target, headers)
+        if response.status_code >= 400:
+            raise FhirReadError("status", f"FHIR server answered {response.status_code}", response.status_code)
+        if len(response.content) > max_bytes * 2:
+            raise FhirReadError("invalid", "attachment is larger than the image limit")
+        if "json" in response.headers.get("content-type", ""):
+            binary = response.json()
+            if binary.get("resourceType") != "Binary" or not isinstance(binary.get("data"), str):
+                raise FhirReadError("invalid", "attachment URL did not return a Binary with data")
+            return base64.b64decode(binary["data"])
+        return response.content
+
     def _get(self, url: str, headers: dict[str, str]) -> httpx.Response:
         # Redirects are followed by hand so that every hop is checked against the allowlist before any
         # connection (and the bearer token) goes to it.
@@ -96,6 +119,10 @@ class FhirReader:
                 return response
             url = urljoin(url, response.headers.get("Location", ""))
             # The guard judges where a request goes (scheme, host, port, path); a search's query is not part of it.
-            base_of_hop = urlunsplit(urlsplit(url)._replace(query="", fragment=""))
-            check_fhir_server_url(base_of_hop, self._allowlist, self._allow_http_loopback)
+            check_fhir_server_url(_without_query(url), self._allowlist, self._allow_http_loopback)
         raise FhirReadError("status", "FHIR server redirected too many times", 310)
+
+
+def _without_query(url: str) -> str:
+    # The guard judges where a request goes (scheme, host, port, path); a search's query is not part of it.
+    return urlunsplit(urlsplit(url)._replace(query="", fragment=""))

@@ -9,8 +9,11 @@ from pydantic import BaseModel
 from pydantic import ValidationError
 
 from cds_service.errors import BadRequest
+from cds_service.drafts import DraftService
 from cds_service.fhir_client import FhirReader
 from cds_service.fhir_client import parse_resource
+from cds_service.hook_io import RecordImages
+from cds_service.hook_io import StoreDraftRecorder
 from cds_service.prefetch import resolve_prefetch
 from cds_service.registry import ServiceDefinition
 from cds_service.settings import Settings
@@ -78,6 +81,7 @@ def run_service(
     http: Any,
     executor: Any,
     jobs: Any | None = None,
+    drafts: DraftService | None = None,
     on_fetch: Any = lambda seconds: None,
 ) -> tuple[HookCall, HookResponse]:
     """Run one hook call end to end (after auth) and return the call and the handler's response."""
@@ -112,5 +116,9 @@ def run_service(
         draft_orders=draft_orders,
         public_url=settings.public_url.rstrip("/"),
         jobs=jobs,
+        images=RecordImages(settings, open_reader if fhir_server else None),
+        drafts=StoreDraftRecorder(drafts, settings, context.patient_id, context.encounter_id, context.user_id)
+        if drafts is not None
+        else None,
     )
     return call, definition.handler(call)

@@ -54,6 +54,10 @@ def configure_logging(level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
     root.setLevel(level.upper())
+    # The HTTP client logs each request's URL (at DEBUG also response headers such as Location); a FHIR
+    # read's URL names the patient (Patient/{id}, ?patient={id}), so only its warnings and errors pass.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def set_request_id(value: str) -> None:

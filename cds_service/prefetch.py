@@ -54,14 +54,32 @@ def render_template(query: str, values: Mapping[str, str]) -> str | None:
     return _TOKEN.sub(lambda m: values[m.group(1)], query)
 
 
-def parse_sent_prefetch(key: str, data: dict[str, Any] | None) -> Any:
+def answer_type(query: str) -> str | None:
+    """Return the resourceType a prefetch query answers with: its type for a read, Bundle for a search.
+
+    None for anything else (an operation such as ``$everything``, a history read), which this doesn't judge.
+    """
+    path, question, _ = query.partition("?")
+    segments = path.strip("/").split("/")
+    if any(segment.startswith("$") for segment in segments):
+        return None
+    if question or len(segments) == 1:
+        return "Bundle"
+    return segments[0] if len(segments) == 2 else None
+
+
+def parse_sent_prefetch(key: str, data: dict[str, Any] | None, expected_type: str | None = None) -> Any:
     """Return the fhir.resources object for a prefetch value the EHR sent; 400 naming the key if it's bad."""
     if data is None:
         return None
     try:
-        return parse_resource(data)
+        resource = parse_resource(data)
     except ValueError as exc:
         raise BadRequest(f"prefetch '{key}' is not valid FHIR R4: {exc}") from None
+    # Handlers read a key as the type its query answers with; a valid resource of another type crashes them.
+    if expected_type is not None and data["resourceType"] != expected_type:
+        raise BadRequest(f"prefetch '{key}' must be a {expected_type}, not a {data['resourceType']}")
+    return resource
 
 
 def resolve_prefetch(
@@ -73,7 +91,11 @@ def resolve_prefetch(
     on_fetch: Callable[[float], None] = lambda seconds: None,
 ) -> dict[str, Any]:
     """Return every declared key resolved to a resource or None, fetching the missing ones concurrently."""
-    resolved: dict[str, Any] = {key: parse_sent_prefetch(key, sent[key]) for key in declared if key in sent}
+    resolved: dict[str, Any] = {
+        key: parse_sent_prefetch(key, sent[key], answer_type(prefetch.query))
+        for key, prefetch in declared.items()
+        if key in sent
+    }
     values = token_values(context)
     to_fetch: dict[str, str] = {}
     for key, prefetch in declared.items():
@@ -98,6 +120,9 @@ def resolve_prefetch(
         try:
             resource, seconds = future.result()
             on_fetch(seconds)
+            expected_type = answer_type(declared[key].query)
+            if expected_type is not None and resource.get_resource_type() != expected_type:
+                raise FhirReadError("invalid", f"FHIR server answered a {resource.get_resource_type()}")
             resolved[key] = resource
         except FhirReadError as exc:
             if declared[key].failure_mode == "omit":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from pydantic import Field
@@ -54,7 +55,15 @@ class Settings(BaseSettings):
         description="URL prefixes (scheme://host[:port]/path) a request's fhirServer must start with.",
     )
     fhir_allow_http_loopback: bool = False
-    fhir_writeback_url: str | None = None
+    fhir_writeback_url: str | None = Field(
+        default=None, description="FHIR base that signed reports are written to; unset: kept in the store only."
+    )
+    fhir_writeback_token: SecretStr | None = None
+    secret_key: SecretStr = Field(
+        default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
+        description="Signs review-page links; set it in production (a random default dies with the process).",
+    )
+    review_link_ttl_s: int = Field(default=12 * 3600, ge=60)
 
     # Limits
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)

@@ -13,6 +13,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import JSON
+from sqlalchemy import LargeBinary
 from sqlalchemy import DateTime
 from sqlalchemy import Integer
 from sqlalchemy import String
@@ -170,3 +171,39 @@ class Store:
                     latency_ms=latency_ms,
                 )
             )
+
+
+class Draft(Base):
+    """An AI-drafted report awaiting a clinician: draft → signed | rejected; the AI text is never overwritten."""
+
+    __tablename__ = "drafts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # One draft per image content and study: a re-fired hook finds it instead of drafting again.
+    source_key: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="draft")
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    encounter_id: Mapped[str | None] = mapped_column(String(64))
+    requested_by: Mapped[str | None] = mapped_column(String(128))
+    study_ref: Mapped[str | None] = mapped_column(String(128))
+    image_ref: Mapped[str | None] = mapped_column(String(128))
+    job_id: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(String(512))
+    model_version: Mapped[str] = mapped_column(String(512))
+    input_hashes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    evidence: Mapped[list[str]] = mapped_column(JSON, default=list)
+    ai_text: Mapped[str] = mapped_column(Text)
+    ai_urgency: Mapped[str] = mapped_column(String(16))
+    draft_report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    ai_provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
+    image_png: Mapped[bytes | None] = mapped_column(LargeBinary)
+    signed_text: Mapped[str | None] = mapped_column(Text)
+    signed_by: Mapped[str | None] = mapped_column(String(128))
+    signed_by_name: Mapped[str | None] = mapped_column(String(256))
+    signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    final_report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    writeback: Mapped[str | None] = mapped_column(String(512))
+    reject_reason: Mapped[str | None] = mapped_column(Text)
+    rejected_by: Mapped[str | None] = mapped_column(String(128))
+    rejected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -388,6 +388,43 @@ class ModelJobs(Protocol):
 
 
 @dataclass(frozen=True)
+class LoadedImage:
+    """An image read from the record: square PNG for the model and the review page, and its content hash."""
+
+    png: bytes
+    png_b64: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class DraftRef:
+    """What a card needs to know of a stored draft report."""
+
+    id: str
+    status: str
+    report: dict[str, Any]
+    review_url: str
+
+
+class RecordImages(Protocol):
+    """Reads an image attachment (inline or from ``fhirServer``) within the configured limits."""
+
+    def load(self, content_type: str, data_b64: str | None, url: str | None) -> LoadedImage:
+        """Return the image, or raise ``ValueError`` (``fhir_mappings.images.ImageRejected``) saying why not."""
+        ...
+
+
+class DraftRecorder(Protocol):
+    """Stores AI report drafts (idempotent per image and study) for clinician sign-off."""
+
+    def record(
+        self, job: JobRecord, image: LoadedImage, study: str | None, image_ref: str, evidence: list[str]
+    ) -> DraftRef:
+        """Return the draft for this image, creating it from the finished job the first time."""
+        ...
+
+
+@dataclass(frozen=True)
 class HookCall:
     """A validated hook invocation handed to a service's handler.
 
@@ -403,3 +440,5 @@ class HookCall:
     public_url: str
     draft_orders: Any | None = None
     jobs: ModelJobs | None = None
+    images: RecordImages | None = None
+    drafts: DraftRecorder | None = None

@@ -18,3 +18,11 @@ def summary_prompt(record_text: str) -> str:
         "monitoring due), and follow-up items (overdue labs, vitals out of range).\n\n"
         f"Record:\n{record_text}"
     )
+
+
+def imaging_prompt(description: str) -> str:
+    """Return the user turn asking for a draft report of the image shown."""
+    return (
+        f"Read this medical image ({description}) and draft a radiology report: findings, an impression, "
+        "and an urgency (routine, urgent or critical). Describe only what is visible."
+    )

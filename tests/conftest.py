@@ -26,8 +26,9 @@ from support import FHIR_TOKEN
 from support import ISSUER
 from support import PG_ADMIN_URL
 from support import PUBLIC_URL
-from support import REDIS_URL
+from support import CLAIM_KEY
 from support import SAMPLE
+from support import claim_redis_db
 from support import FhirServer
 from support import Issuer
 from support import LiveServer
@@ -99,11 +100,19 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_client() -> redis.Redis:
-    """The test Redis database, emptied once at the start of the run."""
-    client = redis.Redis.from_url(REDIS_URL)
+def redis_url() -> Iterator[str]:
+    """A Redis database of this run's own, emptied at the start and released at the end."""
+    url = claim_redis_db()
+    yield url
+    client = redis.Redis.from_url(url)
     client.flushdb()
-    return client
+    client.delete(CLAIM_KEY)
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str) -> redis.Redis:
+    """A client of this run's Redis database."""
+    return redis.Redis.from_url(redis_url)
 
 
 @pytest.fixture(scope="session")
@@ -120,15 +129,18 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
 
 
 @pytest.fixture
-def settings(database_url: str, redis_client: redis.Redis, issuer: Issuer) -> Settings:
+def settings(database_url: str, redis_url: str, issuer: Issuer, tiny_model_dir: Path) -> Settings:
     """Settings for one test: real PostgreSQL and Redis, auth on with the test issuer, loopback FHIR allowed."""
     return Settings(
         database_url=database_url,
-        redis_url=REDIS_URL,
+        redis_url=redis_url,
         public_url=PUBLIC_URL,
         trusted_issuers=issuer.trust_file,
         fhir_allow_http_loopback=True,
         hook_budget_ms=300,
+        text_model=str(tiny_model_dir),
+        image_model=str(tiny_model_dir),
+        device="cpu",
     )
 
 
@@ -170,12 +182,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def live_server(
-    database_url: str, issuer: Issuer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    database_url: str,
+    redis_url: str,
+    issuer: Issuer,
+    tiny_model_dir: Path,
+    fhir_server: FhirServer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
-    """Start ``medgemma-cds serve`` once per run and stop it at the end."""
+    """Start ``medgemma-cds serve`` once per run (signed reports written back to the test FHIR server)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = service_env(database_url, issuer, url, **model_env(tiny_model_dir))
+    env = service_env(
+        database_url,
+        redis_url,
+        issuer,
+        url,
+        MEDGEMMA_CDS_FHIR_WRITEBACK_URL=fhir_server.base_url,
+        MEDGEMMA_CDS_FHIR_WRITEBACK_TOKEN=fhir_server.token,
+        MEDGEMMA_CDS_SECRET_KEY="test-review-link-secret",
+        **model_env(tiny_model_dir),
+    )
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port), "--workers", "2"],

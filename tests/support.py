@@ -18,7 +18,8 @@ from joserfc.jwk import ECKey
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "cds_service" / "data" / "sample"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_SERVER = os.environ.get("TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
+CLAIM_KEY = "medgemma-cds-test:claimed-by"
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 FHIR_TOKEN = "fhir-test-token-3f9a"
 PUBLIC_URL = "http://cds.test"
@@ -89,13 +90,32 @@ class LiveServer:
     env: dict[str, str]
 
 
-def service_env(database_url: str, issuer: Issuer, public_url: str, **extra: str) -> dict[str, str]:
+def claim_redis_db() -> str:
+    """Return the URL of a Redis database (1-15) no other test run holds, emptied and claimed for this run.
+
+    Jobs, queues and replay keys all live in one database; runs side by side must not see each other's.
+    """
+    import redis
+
+    for index in range(1, 16):
+        url = f"{REDIS_SERVER}/{index}"
+        client = redis.Redis.from_url(url)
+        if client.set(CLAIM_KEY, os.getpid(), nx=True, ex=3 * 3600):
+            client.flushdb()
+            client.set(CLAIM_KEY, os.getpid(), ex=3 * 3600)
+            return url
+    raise RuntimeError("every Redis test database (1-15) is claimed by another run")
+
+
+def service_env(
+    database_url: str, redis_url: str, issuer: Issuer, public_url: str, **extra: str
+) -> dict[str, str]:
     """Return the environment that configures a service or worker process for the test servers."""
     env = dict(os.environ)
     env.update(
         {
             "MEDGEMMA_CDS_DATABASE_URL": database_url,
-            "MEDGEMMA_CDS_REDIS_URL": REDIS_URL,
+            "MEDGEMMA_CDS_REDIS_URL": redis_url,
             "MEDGEMMA_CDS_PUBLIC_URL": public_url,
             "MEDGEMMA_CDS_TRUSTED_ISSUERS": str(issuer.trust_file),
             "MEDGEMMA_CDS_FHIR_ALLOW_HTTP_LOOPBACK": "true",
@@ -112,6 +132,8 @@ def model_env(tiny_model_dir: Path) -> dict[str, str]:
         "MEDGEMMA_CDS_IMAGE_MODEL": str(tiny_model_dir),
         "MEDGEMMA_CDS_DEVICE": "cpu",
         "MEDGEMMA_CDS_HOOK_BUDGET_MS": "300",
+        # Random weights fill every string to its bound: give the worst case room, so outputs always parse.
+        "MEDGEMMA_CDS_MAX_NEW_TOKENS": "4096",
     }
 
 

@@ -1,7 +1,8 @@
 """Dynamic batching: requests submitted concurrently by worker threads share one ``generate`` call.
 
-A GPU decodes a batch of 8 in about the time of one (decoding is memory-bound), so requests that arrive
-within a few milliseconds of each other are worth grouping. One background thread owns the runtime.
+Decoding is bound by reading the weights, so a step for 8 rows costs little more than a step for one:
+requests that arrive within a few milliseconds of each other are worth grouping. One background thread
+calls the runtime; callers block until their batch is done.
 """
 
 from __future__ import annotations

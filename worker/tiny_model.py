@@ -74,18 +74,9 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- endif -%}\n"
 )
 
-# Same order as Gemma's first ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the turn and image markers.
-_LEADING_SPECIALS = [
-    "<pad>",
-    "<eos>",
-    "<bos>",
-    "<unk>",
-    "<mask>",
-    "<start_of_turn>",
-    "<end_of_turn>",
-    "<start_of_image>",
-    "<end_of_image>",
-]
+# Gemma's first ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the turn and image markers it adds as tokens.
+_GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+_MARKERS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>"]
 # Gemma puts the image soft token after every other id (262,144); the tiny tokenizer keeps that layout.
 _IMAGE_TOKEN = "<image_soft_token>"
 _BPE_VOCAB_SIZE = 1024
@@ -94,6 +85,7 @@ _MODEL_VOCAB_MULTIPLE = 64
 # A few hundred words of clinical English and JSON, enough for BPE merges that make prompts and
 # structured answers a few characters per token instead of one.
 _CORPUS = """
+The user asks the model for a summary; the model answers the user in JSON only.
 The patient is a 67 year old woman with type 2 diabetes mellitus, hypertension and chronic kidney disease
 stage 3. She presents for follow-up of her blood pressure and glucose control. Current medications include
 metformin 1000 mg twice daily, lisinopril 20 mg daily, atorvastatin 40 mg at night and aspirin 81 mg daily.
@@ -215,14 +207,21 @@ def _gemma_tokenizer() -> GemmaTokenizer:
 
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     vocab: dict[str, int] = {}
-    for token in [*_LEADING_SPECIALS, *byte_tokens, *sorted(trained["vocab"], key=trained["vocab"].get)]:
+    for token in [
+        *_GEMMA_SPECIALS,
+        *_MARKERS,
+        *byte_tokens,
+        *sorted(trained["vocab"], key=trained["vocab"].get),
+    ]:
         vocab.setdefault(token, len(vocab))
     vocab[_IMAGE_TOKEN] = len(vocab)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    merges = [tuple(pair) for pair in trained["merges"]]
 
     tokenizer = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
+        # As Gemma's: plain encoding starts with <bos>; chat templates write it themselves.
+        add_bos_token=True,
         extra_special_tokens={
             "boi_token": "<start_of_image>",
             "eoi_token": "<end_of_image>",
@@ -230,7 +229,7 @@ def _gemma_tokenizer() -> GemmaTokenizer:
         },
     )
     tokenizer.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (*_LEADING_SPECIALS[5:], _IMAGE_TOKEN)],
+        [AddedToken(token, special=True, normalized=False) for token in (*_MARKERS, _IMAGE_TOKEN)],
         special_tokens=True,
     )
     return tokenizer

@@ -311,8 +311,9 @@ def test_gateway_errors_answer_as_documented(
     hook_body: Callable[..., dict[str, Any]],
 ) -> None:
     client = create_app(settings.model_copy(update={"fhir_timeout_s": 0.3})).test_client()
-    broken, stalled = stub_fhir(500), stub_fhir(200, delay_s=2.0)
-    for server, status in ((broken, 502), (stalled, 504)):
+    # A 500, a 200 whose body is not the resource asked for (an OperationOutcome), and a stall.
+    broken, wrong_type, stalled = stub_fhir(500), stub_fhir(200), stub_fhir(200, delay_s=2.0)
+    for server, status in ((broken, 502), (wrong_type, 502), (stalled, 504)):
         body = hook_body("patient-view", "p1", **fhir_access(server.base_url, "stub-token"))
         response = client.post(SUMMARY, json=body, headers=issuer.headers(SUMMARY))
         assert response.status_code == status, response.json

@@ -104,7 +104,7 @@ def test_killed_worker_child_redelivers_and_completes_once(
     finished = wait_for_job(live_server, issuer, job_id, {"done", "failed"})
     assert finished["state"] == "done", finished.get("error")
     assert finished["attempts"] == 2
-    again = post_hook(live_server, issuer, summary_body(fhir_server, hook_body, "Erdman", note="kill test"))
+    again = post_hook(live_server, issuer, summary_body(fhir_server, hook_body, "Erdman", note=note))
     ai_cards = [c for c in again.json()["cards"] if c["summary"].startswith("AI pre-visit summary")]
     assert len(ai_cards) == 1
 

@@ -1,0 +1,168 @@
+"""Draft endpoints: the worklist and JSON views (JWT), and the clinician's review page (signed link)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint
+from flask import Response
+from flask import current_app
+from flask import jsonify
+from flask import render_template
+from flask import request
+from itsdangerous import BadSignature
+from itsdangerous import SignatureExpired
+from pydantic import BaseModel
+from pydantic import Field
+
+from cds_service.api import authenticate
+from cds_service.api import read_json_body
+from cds_service.api import services
+from cds_service.errors import Unauthorized
+from cds_service.hook_io import review_link_serializer
+from cds_service.invoke import validate
+from cds_service.store import Draft
+from cds_service.wire import WireModel
+
+bp = Blueprint("drafts", __name__, template_folder="templates")
+PRACTITIONER = r"^(Practitioner|PractitionerRole)/[A-Za-z0-9\-\.]{1,64}$"
+
+
+class DraftView(WireModel):
+    """A draft as the worklist and JSON clients see it (the AI text and the signed text side by side)."""
+
+    id: str
+    status: str
+    patient_id: str
+    study: str | None = None
+    image: str | None = None
+    model: str
+    model_version: str
+    ai_text: str
+    ai_urgency: str
+    signed_text: str | None = None
+    signed_by: str | None = None
+    signed_by_name: str | None = None
+    signed_at: str | None = None
+    written_to: str | None = None
+    reject_reason: str | None = None
+    rejected_at: str | None = None
+    created_at: str
+
+    @classmethod
+    def of(cls, draft: Draft) -> DraftView:
+        """Return the view of a stored draft."""
+        return cls(
+            id=draft.id,
+            status=draft.status,
+            patient_id=draft.patient_id,
+            study=draft.study_ref,
+            image=draft.image_ref,
+            model=draft.model_id,
+            model_version=draft.model_version,
+            ai_text=draft.ai_text,
+            ai_urgency=draft.ai_urgency,
+            signed_text=draft.signed_text,
+            signed_by=draft.signed_by,
+            signed_by_name=draft.signed_by_name,
+            signed_at=draft.signed_at.isoformat() if draft.signed_at else None,
+            written_to=draft.writeback,
+            reject_reason=draft.reject_reason,
+            rejected_at=draft.rejected_at.isoformat() if draft.rejected_at else None,
+            created_at=draft.created_at.isoformat(),
+        )
+
+
+class SignRequest(WireModel):
+    """A clinician signs the (edited) report text."""
+
+    text: str = Field(min_length=1, max_length=20_000)
+    practitioner: str = Field(pattern=PRACTITIONER)
+    practitioner_name: str = Field(min_length=1, max_length=200)
+
+
+class RejectRequest(WireModel):
+    """A clinician rejects the draft, saying why."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+    practitioner: str = Field(pattern=PRACTITIONER)
+
+
+def check_review_access(draft_id: str, access: str | None) -> None:
+    """Accept a signed, unexpired review link for exactly this draft; 401 otherwise."""
+    settings = services().settings
+    try:
+        signed_id = review_link_serializer(settings).loads(access or "", max_age=settings.review_link_ttl_s)
+    except (BadSignature, SignatureExpired):
+        raise Unauthorized("Unauthorized") from None
+    if signed_id != draft_id:
+        raise Unauthorized("Unauthorized")
+
+
+def _submitted(model: type[BaseModel], draft_id: str, action: str) -> tuple[Any, bool]:
+    """Return the validated sign/reject request and whether it came from the review page's form."""
+    if request.mimetype == "application/x-www-form-urlencoded":
+        check_review_access(draft_id, request.form.get("access"))
+        data = {k: v for k, v in request.form.items() if k != "access"}
+        return validate(model, data), True
+    authenticate(f"/drafts/{draft_id}/{action}")
+    return validate(model, read_json_body()), False
+
+
+@bp.get("/drafts")
+def list_drafts() -> Response:
+    """The worklist: drafts filtered by ``patient`` and ``status`` (e.g. ``status=draft``), newest first."""
+    authenticate("/drafts")
+    status = request.args.get("status")
+    drafts = services().drafts.list(request.args.get("patient"), status)
+    return jsonify({"drafts": [DraftView.of(d).wire() for d in drafts]})
+
+
+@bp.get("/drafts/<draft_id>")
+def get_draft(draft_id: str) -> Response:
+    """One draft, as JSON."""
+    authenticate(f"/drafts/{draft_id}")
+    return jsonify(DraftView.of(services().drafts.get(draft_id)).wire())
+
+
+@bp.get("/drafts/<draft_id>/review")
+def review_page(draft_id: str) -> str:
+    """The review page a card's SMART link opens: image, evidence, AI text, edit, then Sign or Reject."""
+    access = request.args.get("access")
+    check_review_access(draft_id, access)
+    draft = services().drafts.get(draft_id)
+    return render_template(
+        "review.html",
+        draft=draft,
+        access=access,
+        practitioner=draft.requested_by if (draft.requested_by or "").startswith("Practitioner/") else "",
+    )
+
+
+@bp.get("/drafts/<draft_id>/image")
+def draft_image(draft_id: str) -> Response:
+    """The image the model read (square PNG), for the review page."""
+    check_review_access(draft_id, request.args.get("access"))
+    draft = services().drafts.get(draft_id)
+    return current_app.response_class(draft.image_png or b"", mimetype="image/png")
+
+
+@bp.post("/drafts/<draft_id>/sign")
+def sign_draft(draft_id: str) -> Any:
+    """Sign: the report becomes final with the clinician's text; written back once (a double-click is a no-op)."""
+    sign, from_page = _submitted(SignRequest, draft_id, "sign")
+    draft = services().drafts.sign(draft_id, sign.text, sign.practitioner, sign.practitioner_name)
+    if from_page:
+        return render_template("review.html", draft=draft, access=request.form.get("access"), practitioner="")
+    return jsonify(DraftView.of(draft).wire())
+
+
+@bp.post("/drafts/<draft_id>/reject")
+def reject_draft(draft_id: str) -> Any:
+    """Reject with a reason: nothing is written to the record."""
+    reject, from_page = _submitted(RejectRequest, draft_id, "reject")
+    draft = services().drafts.reject(draft_id, reject.reason, reject.practitioner)
+    if from_page:
+        return render_template("review.html", draft=draft, access=request.form.get("access"), practitioner="")
+    return jsonify(DraftView.of(draft).wire())
+

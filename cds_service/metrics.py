@@ -1,0 +1,295 @@
+"""Prometheus metrics of the API at ``GET /metrics``: requests, hook and prefetch latency, queues, jobs.
+
+Counted in the process: requests by route, service and status; hook latency per service; each FHIR read made
+to fill prefetch; job lookups (hit or miss); feedback outcomes. Read from Redis at scrape time, so every API
+process reports the same values: the depth of the two Celery queues (LLEN), job records by state (a SCAN
+bounded at ``MAX_SCANNED_JOBS`` keys) and the models' generated tokens and generation seconds, which the
+worker adds to two Redis hashes when a job finishes (``record_generation``).
+
+Gunicorn runs several worker processes. When ``PROMETHEUS_MULTIPROC_DIR`` names an empty folder before
+prometheus-client is first imported (its multiprocess mode), the in-process counters of every gunicorn worker
+are summed at each scrape; without it each process counts alone and a scrape sees the process that answered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from flask import Blueprint
+from flask import Flask
+from flask import Response
+from flask import current_app
+from flask import g
+from flask import has_app_context
+from flask import request
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Histogram
+from prometheus_client import generate_latest
+from prometheus_client import multiprocess
+from prometheus_client import values
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cds_service.jobs import QUEUES
+from cds_service.jobs import JobStore
+
+bp = Blueprint("metrics", __name__)
+
+#: Redis hashes (field: model id) the worker adds to once per finished job; see ``record_generation``.
+MODEL_TOKENS_KEY = "mgcds:metrics:generated-tokens"
+MODEL_SECONDS_KEY = "mgcds:metrics:generation-seconds"
+#: A scrape counts at most this many job records, so a huge backlog can't make /metrics slow.
+MAX_SCANNED_JOBS = 10_000
+# Kombu's Redis transport keeps a message sent with priority p > 0 in the list "{queue}\x06\x16{p}".
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+_JOB_STATES = ("queued", "running", "done", "failed")
+_HOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_FEEDBACK_OUTCOMES = {"accepted", "overridden"}
+
+
+def multiprocess_mode() -> bool:
+    """Return whether prometheus-client was imported in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)."""
+    return values.ValueClass is not values.MutexValue
+
+
+def record_generation(client: redis.Redis, model: str, generated_tokens: int, seconds: float) -> None:
+    """Add one finished job's tokens and generation time to the model totals the scrape reads.
+
+    Meant for the worker, once per job (inside ``JobStore.finish``'s transaction, so a redelivered job that
+    finishes again adds nothing); accepts a pipeline as ``client``.
+    """
+    client.hincrby(MODEL_TOKENS_KEY, model, generated_tokens)
+    client.hincrbyfloat(MODEL_SECONDS_KEY, model, seconds)
+
+
+class RedisCollector(Collector):
+    """Reads queue depths, job states and model totals from Redis at scrape time."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[Any]:
+        """Yield the Redis-backed families; only ``medgemma_cds_redis_up 0`` when Redis doesn't answer."""
+        up = GaugeMetricFamily("medgemma_cds_redis_up", "Whether Redis answered this scrape (1) or not (0).")
+        try:
+            families = list(self._families())
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self) -> Iterator[Any]:
+        depth = GaugeMetricFamily(
+            "medgemma_cds_queue_depth", "Model tasks waiting in each Celery queue.", labels=["queue"]
+        )
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in QUEUES.values():
+                pipe.llen(name)
+                for step in _PRIORITY_STEPS:
+                    pipe.llen(f"{name}{_PRIORITY_SEPARATOR}{step}")
+            lengths = pipe.execute()
+        per_queue = len(_PRIORITY_STEPS) + 1
+        for index, name in enumerate(QUEUES.values()):
+            depth.add_metric([name], sum(lengths[index * per_queue : (index + 1) * per_queue]))
+        yield depth
+
+        counts, complete = self._job_states()
+        jobs = GaugeMetricFamily(
+            "medgemma_cds_jobs", "Model job records in Redis by state.", labels=["state"]
+        )
+        for state in _JOB_STATES:
+            jobs.add_metric([state], counts.get(state, 0))
+        yield jobs
+        scan = GaugeMetricFamily(
+            "medgemma_cds_jobs_scan_complete",
+            f"1 when every job record was counted, 0 when the scan stopped at {MAX_SCANNED_JOBS} keys.",
+        )
+        scan.add_metric([], 1 if complete else 0)
+        yield scan
+
+        tokens = {k.decode(): int(v) for k, v in self.client.hgetall(MODEL_TOKENS_KEY).items()}
+        seconds = {k.decode(): float(v) for k, v in self.client.hgetall(MODEL_SECONDS_KEY).items()}
+        tokens_total = CounterMetricFamily(
+            "medgemma_cds_model_generated_tokens",
+            "Tokens generated by finished model jobs.",
+            labels=["model"],
+        )
+        seconds_total = CounterMetricFamily(
+            "medgemma_cds_model_generation_seconds",
+            "Generation time of finished model jobs.",
+            labels=["model"],
+        )
+        rate = GaugeMetricFamily(
+            "medgemma_cds_model_tokens_per_second",
+            "Generated tokens per second of generation, averaged over every finished job "
+            "(for a recent rate use rate(tokens_total) / rate(seconds_total)).",
+            labels=["model"],
+        )
+        for model in sorted(tokens.keys() | seconds.keys()):
+            tokens_total.add_metric([model], tokens.get(model, 0))
+            seconds_total.add_metric([model], seconds.get(model, 0.0))
+            if seconds.get(model):
+                rate.add_metric([model], tokens.get(model, 0) / seconds[model])
+        yield tokens_total
+        yield seconds_total
+        yield rate
+
+    def _job_states(self) -> tuple[dict[str, int], bool]:
+        """Count job records by state, reading at most ``MAX_SCANNED_JOBS`` keys."""
+        counts: dict[str, int] = {}
+        keys: list[bytes] = []
+        complete = True
+        for key in self.client.scan_iter(match=JobStore.key("*"), count=1000):
+            if len(keys) >= MAX_SCANNED_JOBS:
+                complete = False
+                break
+            keys.append(key)
+        for start in range(0, len(keys), 1000):
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in keys[start : start + 1000]:
+                    pipe.hget(key, "state")
+                for state in pipe.execute():
+                    # A record that expired between SCAN and HGET has no state any more.
+                    if state is not None:
+                        counts[state.decode()] = counts.get(state.decode(), 0) + 1
+        return counts, complete
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The app's metric objects and the registry ``/metrics`` renders; kept in ``app.extensions``."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    hook_latency: Histogram
+    prefetch_latency: Histogram
+    job_lookups: Counter
+    feedback: Counter
+    service_ids: frozenset[str]
+
+    @classmethod
+    def create(cls, client: redis.Redis, service_ids: frozenset[str]) -> Metrics:
+        """Return fresh metrics: registered in a registry of this app's own, or, in multiprocess mode, in
+        files that a ``MultiProcessCollector`` sums at each scrape."""
+        registry = CollectorRegistry(auto_describe=True)
+        own: CollectorRegistry | None = registry
+        if multiprocess_mode():
+            multiprocess.MultiProcessCollector(registry)
+            own = None
+        registry.register(RedisCollector(client))
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "medgemma_cds_requests",
+                "HTTP requests by route, CDS service (hook and feedback calls) and status.",
+                ["route", "service", "status"],
+                registry=own,
+            ),
+            hook_latency=Histogram(
+                "medgemma_cds_hook_duration_seconds",
+                "Time to answer a hook call, per service (any status).",
+                ["service"],
+                buckets=_HOOK_BUCKETS,
+                registry=own,
+            ),
+            prefetch_latency=Histogram(
+                "medgemma_cds_prefetch_fetch_duration_seconds",
+                "Time of each FHIR read made to fill prefetch the EHR didn't send.",
+                buckets=_FETCH_BUCKETS,
+                registry=own,
+            ),
+            job_lookups=Counter(
+                "medgemma_cds_job_lookups",
+                "Model job lookups by hooks: hit = a finished result was there, miss = waited or enqueued.",
+                ["result"],
+                registry=own,
+            ),
+            feedback=Counter(
+                "medgemma_cds_feedback",
+                "Feedback items received, by outcome (§Feedback: accepted | overridden).",
+                ["outcome"],
+                registry=own,
+            ),
+            service_ids=service_ids,
+        )
+
+
+def init_metrics(app: Flask) -> None:
+    """Install the metrics on ``app``: the ``/metrics`` blueprint and the request hooks that count and time.
+
+    Call it in ``create_app`` after the ``Services`` bundle is in ``app.extensions["cds"]``.
+    """
+    services = app.extensions["cds"]
+    app.extensions["metrics"] = Metrics.create(services.redis, frozenset(services.registry.services))
+    app.before_request(_start_timer)
+    app.after_request(_count_request)
+    app.register_blueprint(bp)
+
+
+def _metrics() -> Metrics | None:
+    return current_app.extensions.get("metrics") if has_app_context() else None
+
+
+def _start_timer() -> None:
+    g.metrics_started = time.perf_counter()
+
+
+def _count_request(response: Response) -> Response:
+    metrics = _metrics()
+    if metrics is None:
+        return response
+    rule = request.url_rule
+    service_id = (request.view_args or {}).get("service_id")
+    # Only declared ids become label values: a caller can't grow the series with made-up ids.
+    service = "" if service_id is None else service_id if service_id in metrics.service_ids else "unknown"
+    route = rule.rule if rule is not None else "unmatched"
+    metrics.requests.labels(route=route, service=service, status=str(response.status_code)).inc()
+    started = g.get("metrics_started")
+    if (
+        request.method == "POST"
+        and route == "/cds-services/<service_id>"
+        and service != "unknown"
+        and started
+    ):
+        metrics.hook_latency.labels(service=service).observe(time.perf_counter() - started)
+    return response
+
+
+def observe_prefetch(seconds: float) -> None:
+    """Record one FHIR read made to fill prefetch; pass it as ``on_fetch`` to ``run_service``."""
+    metrics = _metrics()
+    if metrics is not None:
+        metrics.prefetch_latency.observe(seconds)
+
+
+def count_job_lookup(hit: bool) -> None:
+    """Count a hook's model job lookup: ``hit`` when a finished result was already there."""
+    metrics = _metrics()
+    if metrics is not None:
+        metrics.job_lookups.labels(result="hit" if hit else "miss").inc()
+
+
+def count_feedback(outcome: str) -> None:
+    """Count one feedback item by its outcome (anything but accepted/overridden counts as "other")."""
+    metrics = _metrics()
+    if metrics is not None:
+        metrics.feedback.labels(outcome=outcome if outcome in _FEEDBACK_OUTCOMES else "other").inc()
+
+
+@bp.get("/metrics")
+def metrics_endpoint() -> Response:
+    """The Prometheus text exposition of the app's metrics (no PHI: counts, durations and model ids only)."""
+    registry = current_app.extensions["metrics"].registry
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

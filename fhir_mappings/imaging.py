@@ -1,0 +1,118 @@
+"""Which imaging still needs a report, and the cards for imaging drafts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cds_service.wire import Action
+from cds_service.wire import Card
+from cds_service.wire import DraftRef
+from cds_service.wire import JobRecord
+from cds_service.wire import Link
+from cds_service.wire import Source
+from cds_service.wire import Suggestion
+from fhir_mappings.ai_cards import AI_DISCLAIMER
+from fhir_mappings.ai_cards import model_source
+from fhir_mappings.images import ImageSource
+from fhir_mappings.images import image_sources
+from fhir_mappings.model_outputs import ImagingReadOutput
+from fhir_mappings.record import bundle_resources
+from fhir_mappings.record import reference
+
+FINAL_STATUSES = {"final", "amended", "corrected", "appended"}
+URGENCY_INDICATOR = {"routine": "info", "urgent": "warning", "critical": "critical"}
+
+
+def reported_references(reports: Any) -> set[str]:
+    """Return the studies and media that a final DiagnosticReport already covers."""
+    covered: set[str] = set()
+    for report in bundle_resources(reports, "DiagnosticReport"):
+        if report.status not in FINAL_STATUSES:
+            continue
+        covered |= {r.reference for r in report.imagingStudy or [] if r.reference}
+        covered |= {m.link.reference for m in report.media or [] if m.link and m.link.reference}
+    return covered
+
+
+def imaging_worklist(studies: Any, media: Any, documents: Any, reports: Any) -> tuple[list[ImageSource], list[Any]]:
+    """Return (images to read, newest first; studies with no retrievable image), leaving out reported ones."""
+    covered = reported_references(reports)
+    sources = [
+        s
+        for s in image_sources(bundle_resources(media, "Media"), bundle_resources(documents, "DocumentReference"))
+        if s.resource not in covered and (s.study is None or s.study not in covered)
+    ]
+    with_image = {s.study for s in sources}
+    without_image = [
+        study
+        for study in bundle_resources(studies, "ImagingStudy")
+        if reference(study) not in covered and reference(study) not in with_image
+    ]
+    return sources, without_image
+
+
+def study_description(study: Any) -> str:
+    """Return a human description of an ImagingStudy: modality, body site, date."""
+    series = (study.series or [None])[0]
+    modality = series.modality.display or series.modality.code if series and series.modality else "imaging"
+    site = series.bodySite.display if series and series.bodySite and series.bodySite.display else ""
+    return " ".join(part for part in (modality, site, "study", str(study.started or "")[:10]) if part)
+
+
+def no_image_card(study: Any) -> Card:
+    """Return the info card for a study whose image can't be retrieved, so no AI draft can be made."""
+    return Card(
+        summary=f"No retrievable image for {study_description(study)}"[:139],
+        detail=(
+            f"{reference(study)} has no image this service can read (no Media or DocumentReference with an "
+            "image attachment points at it), so no AI draft report was made."
+        ),
+        indicator="info",
+        source=Source(label="MedGemma CDS"),
+    )
+
+
+def unreadable_image_card(source: ImageSource, reason: str) -> Card:
+    """Return the warning card for an image attachment that could not be read."""
+    return Card(
+        summary="An imaging attachment could not be read for AI drafting",
+        detail=f"{source.resource}: {reason}. No AI draft report was made.",
+        indicator="warning",
+        source=Source(label="MedGemma CDS"),
+    )
+
+
+def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: DraftRef) -> Card:
+    """Return the card offering the AI draft report: a create suggestion and a SMART link to review it."""
+    return Card(
+        summary=f"AI draft imaging report ready for review ({output.urgency})"[:139],
+        detail="\n\n".join(
+            [f"**Impression (AI draft):** {output.impression}", f"**Findings (AI draft):** {output.findings}", AI_DISCLAIMER]
+        ),
+        indicator=URGENCY_INDICATOR[output.urgency],  # type: ignore[arg-type]
+        source=model_source(record),
+        suggestions=[
+            Suggestion(
+                label="Create the preliminary report (AI draft, unsigned)",
+                actions=[
+                    Action(
+                        type="create",
+                        description="Create a preliminary DiagnosticReport from the AI draft",
+                        resource=draft.report,
+                    )
+                ],
+            )
+        ],
+        selection_behavior="at-most-one",
+        links=[
+            Link(label="Review and sign the draft", url=draft.review_url, type="smart", app_context=f'{{"draftId": "{draft.id}"}}')
+        ],
+    )
+
+
+def describe_source(source: ImageSource, studies: Any) -> str:
+    """Return what the image is, from its ImagingStudy when it names one."""
+    for study in bundle_resources(studies, "ImagingStudy"):
+        if reference(study) == source.study:
+            return study_description(study)
+    return "medical image"

@@ -1,0 +1,62 @@
+"""imaging-report-draft: at chart open, is there recent imaging without a final report? Offer an AI draft."""
+
+from __future__ import annotations
+
+from cds_service.registry import Prefetch
+from cds_service.registry import service
+from cds_service.wire import HookCall
+from cds_service.wire import HookResponse
+from fhir_mappings.ai_cards import job_cards
+from fhir_mappings.imaging import describe_source
+from fhir_mappings.imaging import imaging_draft_card
+from fhir_mappings.imaging import imaging_worklist
+from fhir_mappings.imaging import no_image_card
+from fhir_mappings.imaging import unreadable_image_card
+from fhir_mappings.images import ImageRejected
+from fhir_mappings.model_outputs import ImagingReadOutput
+from fhir_mappings.prompts import SYSTEM_PROMPT
+from fhir_mappings.prompts import imaging_prompt
+
+
+@service(
+    id="imaging-report-draft",
+    hook="patient-view",
+    title="Imaging report draft",
+    description="Drafts a report (MedGemma) for recent imaging with no final report; a clinician signs it.",
+    prefetch={
+        "studies": "ImagingStudy?patient={{context.patientId}}",
+        "media": Prefetch("Media?patient={{context.patientId}}", "omit"),
+        "documents": Prefetch("DocumentReference?patient={{context.patientId}}", "omit"),
+        "reports": "DiagnosticReport?patient={{context.patientId}}",
+    },
+    potentially_long_running=True,
+)
+def imaging_report_draft(call: HookCall) -> HookResponse:
+    """Answer a card per study without an image, and the draft card (or "running") for the newest image."""
+    p = call.prefetch
+    sources, studies_without_image = imaging_worklist(p["studies"], p["media"], p["documents"], p["reports"])
+    cards = [no_image_card(study) for study in studies_without_image]
+    if not sources or call.jobs is None or call.images is None or call.drafts is None:
+        return HookResponse(cards=cards)
+    source, drafts = sources[0], call.drafts
+    try:
+        image = call.images.load(source.content_type, source.data_b64, source.url)
+    except ImageRejected as rejected:
+        return HookResponse(cards=cards + [unreadable_image_card(source, str(rejected))])
+    evidence = [ref for ref in (source.resource, source.study) if ref]
+    job = call.jobs.request(
+        "imaging-read",
+        "image",
+        SYSTEM_PROMPT,
+        imaging_prompt(describe_source(source, p["studies"])),
+        evidence=evidence,
+        input_hashes=[image.content_hash],
+        images_b64=[image.png_b64],
+    )
+
+    def draft_card(finished):  # noqa: ANN001, ANN202 - local callback
+        output = ImagingReadOutput.model_validate(finished.result)
+        draft = drafts.record(finished, image, source.study, source.resource, evidence)
+        return imaging_draft_card(output, finished, draft)
+
+    return HookResponse(cards=cards + job_cards(job, "Imaging report draft", call.jobs.job_url, draft_card))

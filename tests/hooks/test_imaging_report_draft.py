@@ -1,0 +1,284 @@
+"""imaging-report-draft end to end: FHIR server, Redis, a Celery worker with the tiny model, gunicorn, Chromium.
+
+Attach a chest X-ray to a patient's ImagingStudy, fire patient-view, get the pending card, re-fire and get
+the draft card, sign it in the review page in headless Chromium, and read the final report and both
+Provenances back from the FHIR server. Also: reject, double sign, and a patient deleted before sign-off.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import sync_playwright
+from support import SAMPLE
+from support import FhirServer
+from support import Issuer
+from support import LiveServer
+from support import ModelWorker
+
+PATH = "/cds-services/imaging-report-draft"
+DRAFT_SYSTEM = "urn:medgemma-cds:draft-report"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def fhir_post(fhir: FhirServer, resource: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(
+        f"{fhir.base_url}/{resource['resourceType']}",
+        json=resource,
+        headers={"Authorization": f"Bearer {fhir.token}", "Content-Type": "application/fhir+json"},
+    )
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def fire(server: LiveServer, issuer: Issuer, fhir: FhirServer, patient_id: str) -> list[dict[str, Any]]:
+    body = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "fhirServer": fhir.base_url,
+        "fhirAuthorization": {
+            "access_token": fhir.token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service",
+        },
+        "context": {"userId": "Practitioner/COREPRACTITIONER1", "patientId": patient_id},
+    }
+    token = issuer.token(server.url + PATH)
+    response = httpx.post(
+        server.url + PATH, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    return list(response.json()["cards"])
+
+
+def draft_card_when_ready(
+    server: LiveServer, issuer: Issuer, fhir: FhirServer, patient_id: str
+) -> dict[str, Any]:
+    """Fire until the draft card replaces the "running" card (the model job finishes in the worker)."""
+    first = fire(server, issuer, fhir, patient_id)
+    assert [c["summary"] for c in first if "running" in c["summary"]] == [
+        "Imaging report draft: AI analysis is running"
+    ]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        cards = [
+            c for c in fire(server, issuer, fhir, patient_id) if c["summary"].startswith("AI draft imaging")
+        ]
+        if cards:
+            return cards[0]
+        time.sleep(0.5)
+    raise AssertionError("the draft card never arrived")
+
+
+def search(fhir: FhirServer, query: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in fhir.get(query).get("entry", [])]
+
+
+def media_with_image(patient_id: str, **image: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Media",
+        "status": "completed",
+        "subject": {"reference": f"Patient/{patient_id}"},
+    } | image
+
+
+@pytest.fixture(scope="module")
+def chest_xray_patient(fhir_server: FhirServer) -> str:
+    """Louis Erdman's chest ImagingStudy gets its image: a Binary with the PNG, and a Media pointing at both."""
+    patient_id = fhir_server.patients["Erdman"]
+    study = search(fhir_server, f"ImagingStudy?patient={patient_id}")[0]
+    png = (SAMPLE / "cxr-00000001_000.png").read_bytes()
+    binary = fhir_post(
+        fhir_server,
+        {"resourceType": "Binary", "contentType": "image/png", "data": base64.b64encode(png).decode()},
+    )
+    fhir_post(
+        fhir_server,
+        media_with_image(
+            patient_id,
+            partOf=[{"reference": f"ImagingStudy/{study['id']}"}],
+            createdDateTime="2018-04-13T16:30:00+00:00",
+            content={"contentType": "image/png", "url": f"Binary/{binary['id']}"},
+        ),
+    )
+    return patient_id
+
+
+def test_draft_signed_in_browser_is_written_back_final_with_two_provenances(
+    live_server: LiveServer,
+    model_worker: ModelWorker,
+    issuer: Issuer,
+    fhir_server: FhirServer,
+    chest_xray_patient: str,
+) -> None:
+    card = draft_card_when_ready(live_server, issuer, fhir_server, chest_xray_patient)
+    assert "requires clinician review" in card["detail"]
+    (action,) = card["suggestions"][0]["actions"]
+    assert action["type"] == "create"
+    assert action["resource"]["resourceType"] == "DiagnosticReport"
+    assert action["resource"]["status"] == "preliminary"
+    link = card["links"][0]
+    assert link["type"] == "smart" and "draftId" in link["appContext"]
+    draft_id = link["url"].split("/drafts/")[1].split("/")[0]
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
+        page = browser.new_page()
+        page.goto(link["url"])
+        assert "not a clinical-grade model" in page.inner_text(".warning")
+        assert page.evaluate("document.querySelector('img').naturalWidth") > 0
+        assert page.input_value("#practitioner") == "Practitioner/COREPRACTITIONER1"
+        page.fill(
+            "#text",
+            "FINDINGS:\nNo acute abnormality (edited by the signing clinician).\n\nIMPRESSION:\nNormal chest.",
+        )
+        page.fill("#practitionerName", "Dr Test Signer")
+        page.click("#sign")
+        page.wait_for_selector("#written")
+        assert page.inner_text("#status").lower() == "signed"
+        assert "edited by the signing clinician" in page.inner_text("#signed-text")
+        assert "FINDINGS" in page.inner_text("#ai-text")
+        browser.close()
+
+    (report,) = search(fhir_server, f"DiagnosticReport?identifier={DRAFT_SYSTEM}|{draft_id}")
+    assert report["status"] == "final"
+    assert report["resultsInterpreter"][0]["reference"] == "Practitioner/COREPRACTITIONER1"
+    assert report["conclusion"] == "Normal chest."
+    assert "edited by the signing clinician" in base64.b64decode(report["presentedForm"][0]["data"]).decode()
+    provenances = [
+        p
+        for p in search(fhir_server, "Provenance?_count=500")
+        if p["target"][0]["reference"] == f"DiagnosticReport/{report['id']}"
+    ]
+    activities = sorted(p["activity"]["coding"][0]["code"] for p in provenances)
+    assert activities == ["CREATE", "VERIFY"]
+    model_agent = next(p for p in provenances if p["activity"]["coding"][0]["code"] == "CREATE")
+    assert model_agent["contained"][0]["resourceType"] == "Device"
+
+    # A double-click (two more sign submissions at once) writes nothing more.
+    access = link["url"].split("access=")[1]
+    form = {
+        "access": access,
+        "text": "again",
+        "practitioner": "Practitioner/COREPRACTITIONER1",
+        "practitionerName": "X",
+    }
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(
+            pool.map(lambda _: httpx.post(f"{live_server.url}/drafts/{draft_id}/sign", data=form), range(2))
+        )
+    assert [a.status_code for a in answers] == [200, 200]
+    assert len(search(fhir_server, f"DiagnosticReport?identifier={DRAFT_SYSTEM}|{draft_id}")) == 1
+
+    path = "/drafts"
+    worklist = httpx.get(
+        f"{live_server.url}{path}",
+        params={"patient": chest_xray_patient, "status": "signed"},
+        headers={"Authorization": f"Bearer {issuer.token(live_server.url + path)}"},
+    ).json()["drafts"]
+    (signed,) = [d for d in worklist if d["id"] == draft_id]
+    assert signed["aiText"] != signed["signedText"]
+    assert signed["writtenTo"] == f"DiagnosticReport/{report['id']}"
+
+    # The same study does not get a second draft when the chart is opened again: it is reported now.
+    assert not [c for c in fire(live_server, issuer, fhir_server, chest_xray_patient) if "AI" in c["summary"]]
+
+
+def test_rejected_dicom_draft_writes_nothing(
+    live_server: LiveServer, model_worker: ModelWorker, issuer: Issuer, fhir_server: FhirServer
+) -> None:
+    patient_id = fhir_server.patients["Trantow"]
+    dicom = (SAMPLE / "fake-monochrome-cxr.dcm").read_bytes()
+    fhir_post(
+        fhir_server,
+        media_with_image(
+            patient_id,
+            createdDateTime="2020-01-01T00:00:00+00:00",
+            content={"contentType": "application/dicom", "data": base64.b64encode(dicom).decode()},
+        ),
+    )
+    card = draft_card_when_ready(live_server, issuer, fhir_server, patient_id)
+    url = card["links"][0]["url"]
+    draft_id = url.split("/drafts/")[1].split("/")[0]
+    form = {
+        "access": url.split("access=")[1],
+        "reason": "Wrong side marker",
+        "practitioner": "Practitioner/COREPRACTITIONER1",
+    }
+    answer = httpx.post(f"{live_server.url}/drafts/{draft_id}/reject", data=form)
+    assert answer.status_code == 200
+    assert "Wrong side marker" in answer.text
+    path = f"/drafts/{draft_id}"
+    draft = httpx.get(
+        live_server.url + path, headers={"Authorization": f"Bearer {issuer.token(live_server.url + path)}"}
+    ).json()
+    assert draft["status"] == "rejected" and draft["rejectReason"] == "Wrong side marker"
+    assert search(fhir_server, f"DiagnosticReport?identifier={DRAFT_SYSTEM}|{draft_id}") == []
+    sign_path = f"/drafts/{draft_id}/sign"
+    refused = httpx.post(
+        live_server.url + sign_path,
+        json={"text": "x", "practitioner": "Practitioner/1", "practitionerName": "Y"},
+        headers={"Authorization": f"Bearer {issuer.token(live_server.url + sign_path)}"},
+    )
+    assert refused.status_code == 409
+
+
+def test_draft_for_deleted_patient_fails_cleanly(
+    live_server: LiveServer,
+    model_worker: ModelWorker,
+    issuer: Issuer,
+    fhir_server: FhirServer,
+    tmp_path: Path,
+) -> None:
+    patient = fhir_post(
+        fhir_server, {"resourceType": "Patient", "gender": "female", "birthDate": "1970-01-01"}
+    )
+    png = (SAMPLE / "cxr-00000001_000.png").read_bytes()[:-1] + b"\x00"  # other bytes, same picture header
+    from PIL import Image
+
+    flipped = tmp_path / "flipped.png"
+    Image.open(SAMPLE / "cxr-00000001_000.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+    del png
+    fhir_post(
+        fhir_server,
+        media_with_image(
+            patient["id"],
+            content={"contentType": "image/png", "data": base64.b64encode(flipped.read_bytes()).decode()},
+        ),
+    )
+    card = draft_card_when_ready(live_server, issuer, fhir_server, patient["id"])
+    draft_id = card["links"][0]["url"].split("/drafts/")[1].split("/")[0]
+    httpx.delete(
+        f"{fhir_server.base_url}/Patient/{patient['id']}",
+        headers={"Authorization": f"Bearer {fhir_server.token}"},
+    )
+    path = f"/drafts/{draft_id}/sign"
+    answer = httpx.post(
+        live_server.url + path,
+        json={
+            "text": "FINDINGS:\nx\n\nIMPRESSION:\ny",
+            "practitioner": "Practitioner/1",
+            "practitionerName": "Z",
+        },
+        headers={"Authorization": f"Bearer {issuer.token(live_server.url + path)}"},
+    )
+    assert answer.status_code == 409
+    assert "no longer exists" in answer.json()["message"]
+    assert search(fhir_server, f"DiagnosticReport?identifier={DRAFT_SYSTEM}|{draft_id}") == []
