@@ -89,6 +89,12 @@ def check(args: argparse.Namespace) -> int:
     from cds_service.readiness import readiness_report
 
     settings = Settings()
+    if args.worker:
+        from cds_service.readiness import local_worker_alive
+
+        alive = local_worker_alive(settings)
+        print("a model worker on this host answers" if alive else "no model worker on this host answers")
+        return 0 if alive else 1
     report = readiness_report(settings, fhir_base=args.fhir_base)
     print(json.dumps(report, indent=2, default=str))
     return 0 if report["ready"] else 1
@@ -98,7 +104,9 @@ def demo(args: argparse.Namespace) -> int:
     """Start what is missing, fire both hooks for the demo patient and print the cards."""
     from cds_service.demo import run_demo
 
-    return run_demo(port=args.port, keep_running=args.keep_running, wait_s=args.wait, cache_dir=args.cache_dir)
+    return run_demo(
+        port=args.port, keep_running=args.keep_running, wait_s=args.wait, cache_dir=args.cache_dir
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true", help="keep everything running until Ctrl-C")
     p.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the AI card (default 180)")
     p.add_argument(
-        "--cache-dir", type=Path, default=None, help="where the tiny model is built (default ~/.cache/medgemma-cds)"
+        "--cache-dir", type=Path, default=None, help="tiny model folder (default ~/.cache/medgemma-cds)"
     )
     p.set_defaults(func=demo)
 
@@ -140,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="print configuration and readiness of Redis, database, FHIR server")
     p.add_argument("--fhir-base", default=None)
+    p.add_argument(
+        "--worker", action="store_true", help="only check that a model worker on this host answers a ping"
+    )
     p.set_defaults(func=check)
 
     p = sub.add_parser("db-upgrade", help="apply database migrations")

@@ -6,6 +6,7 @@ database, an optional FHIR server and the Celery workers on each model queue.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -158,3 +159,23 @@ def readiness_report(settings: Settings, fhir_base: str | None = None) -> dict[s
         "checks": checks,
         "config": masked_config(settings),
     }
+
+
+def local_worker_alive(settings: Settings) -> bool:
+    """Return whether a Celery worker started on this host (container) answers a ping within two seconds.
+
+    Worker names are ``{queue}@{hostname}-{pid}`` (``run_worker``); this is the model workers' container
+    healthcheck, where the hostname is the container's.
+    """
+    from worker.celery_app import make_celery
+
+    host = socket.gethostname()
+    celery = make_celery(settings)
+    try:
+        replies = celery.control.ping(timeout=2) or []
+    except Exception:  # noqa: BLE001 - no broker, no live worker
+        return False
+    finally:
+        celery.close()
+    names = [name for reply in replies for name in reply]
+    return any(name.partition("@")[2].rpartition("-")[0] == host for name in names)

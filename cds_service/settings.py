@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     image_model: str = "google/medgemma-4b-it"
     image_model_revision: str | None = None
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    max_new_tokens: int = Field(default=768, ge=16, le=8192)
+    # Covers the worst case of every output schema (order review: ~1,300 tokens; see model_outputs.py).
+    max_new_tokens: int = Field(default=1536, ge=16, le=8192)
     max_batch_size: int = Field(default=8, ge=1, le=64)
     batch_wait_ms: int = Field(default=10, ge=0, le=1000)
     hf_token: SecretStr | None = None

@@ -76,16 +76,18 @@ def summary_ai_card(
 
 
 def job_cards(
-    record: JobRecord | None, what: str, job_url: Callable[[str], str], done: Callable[[JobRecord], Card]
+    record: JobRecord | None, what: str, job_url: Callable[[str], str], done: Callable[[JobRecord], Card | None]
 ) -> list[Card]:
     """Return the card for a model job's state: its result when done, "running" while pending, none on failure.
 
-    A failed job (e.g. output cut at max_new_tokens) shows no card; its error stays on the job record.
+    A failed job (e.g. output cut at max_new_tokens) shows no card; its error stays on the job record. ``done``
+    may return None when the finished result has nothing to say.
     """
     if record is None or record.state == "failed":
         return []
     if record.state == "done" and record.result is not None:
-        return [done(record)]
+        card = done(record)
+        return [card] if card is not None else []
     return [pending_card(what, job_url(record.id))]
 
 

@@ -26,3 +26,14 @@ def imaging_prompt(description: str) -> str:
         f"Read this medical image ({description}) and draft a radiology report: findings, an impression, "
         "and an urgency (routine, urgent or critical). Describe only what is visible."
     )
+
+
+def order_review_prompt(orders_text: str, record_text: str) -> str:
+    """Return the user turn asking for a review of draft orders against the record."""
+    return (
+        "Review these draft medication orders against the patient's record: interactions, contraindications, "
+        "allergies, duplications, and dose for age and renal function. For each concern give the order id, "
+        "a severity, the issue, a recommendation and whether to keep, change or remove the order. "
+        "Return no concern for an order without a problem.\n\n"
+        f"Draft orders:\n{orders_text}\n\nRecord:\n{record_text}"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from support import FhirServer
@@ -32,9 +33,17 @@ def fhir_access(fhir: FhirServer) -> dict[str, Any]:
     }
 
 
-def test_full_prefetch_gives_one_info_card(client, issuer: Issuer, fhir_server: FhirServer, hook_body) -> None:
+def test_full_prefetch_gives_rule_card_and_running_ai_card(
+    client, issuer: Issuer, fhir_server: FhirServer, hook_body
+) -> None:
     patient_id = fhir_server.patients["Trantow"]
-    body = hook_body("patient-view", patient_id, prefetch=full_prefetch(fhir_server, patient_id))
+    prefetch = full_prefetch(fhir_server, patient_id)
+    # A record no earlier test sent, so its model job can't have finished already.
+    prefetch["patient"]["text"] = {
+        "status": "generated",
+        "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{uuid.uuid4()}</div>',
+    }
+    body = hook_body("patient-view", patient_id, prefetch=prefetch)
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))
     assert response.status_code == 200, response.json
     card, ai_card = response.json["cards"]

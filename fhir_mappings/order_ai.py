@@ -1,0 +1,63 @@
+"""MedGemma's review of draft orders: the prompt context, and its concerns → one card under the rules.
+
+Rules always win when they disagree: an order a rule flagged keeps its rule card even when the model would
+keep the order, and the AI card says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cds_service.wire import Action
+from cds_service.wire import Card
+from cds_service.wire import JobRecord
+from cds_service.wire import Suggestion
+from fhir_mappings.ai_cards import AI_DISCLAIMER
+from fhir_mappings.ai_cards import model_source
+from fhir_mappings.model_outputs import OrderReviewOutput
+from fhir_mappings.order_conflicts import selected_medication_orders
+from fhir_mappings.record import concept_text
+from fhir_mappings.record import markdown_list
+from fhir_mappings.record import medication_concept
+from fhir_mappings.record import reference
+
+SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+
+
+def orders_context(draft_orders: Any, selections: list[str]) -> tuple[str, list[str]]:
+    """Return the selected draft orders as cited lines with their dosage text, and their references."""
+    lines, refs = [], []
+    for order in selected_medication_orders(draft_orders, selections):
+        dosage = "; ".join(d.text for d in order.dosageInstruction or [] if d.text)
+        lines.append(f"[{reference(order)}] draft order: {concept_text(medication_concept(order))} {dosage}".strip())
+        refs.append(reference(order))
+    return "\n".join(lines), refs
+
+
+def order_review_card(output: OrderReviewOutput, record: JobRecord, selected: list[str], rule_flagged: set[str]) -> Card | None:
+    """Return the AI card for the model's concerns about selected orders, or None when it has none."""
+    concerns = [c for c in output.concerns if c.order_id in selected]
+    overruled = sorted({c.order_id for c in concerns if c.action == "keep"} & rule_flagged)
+    concerns = [c for c in concerns if not (c.action == "keep" and c.order_id in rule_flagged)]
+    if not concerns and not overruled:
+        return None
+    lines = [f"**{c.order_id}** ({c.severity}): {c.issue} Recommendation: {c.recommendation}" for c in concerns]
+    notes = [
+        f"The model saw no problem with {ref}, but the rule check flagged it: the rule card stands." for ref in overruled
+    ]
+    removable = sorted({c.order_id for c in concerns if c.action == "remove"} - rule_flagged)
+    severity = max((c.severity for c in concerns), key=SEVERITY_RANK.__getitem__, default="info")
+    return Card(
+        summary=f"AI order review: {len(concerns)} concern(s) to check (draft, needs clinician review)"[:139],
+        detail="\n\n".join([markdown_list(lines), *notes, AI_DISCLAIMER]),
+        indicator=severity,  # type: ignore[arg-type]
+        source=model_source(record),
+        suggestions=[
+            Suggestion(
+                label=f"Remove {ref} (AI suggestion)",
+                actions=[Action(type="delete", description="Remove the draft order", resource_id=ref)],
+            )
+            for ref in removable
+        ],
+        selection_behavior="any" if removable else None,
+    )
