@@ -19,6 +19,7 @@ from cds_service.errors import NotFound
 from cds_service.errors import UnsupportedMediaType
 from cds_service.invoke import json_depth
 from cds_service.jobs import JobQueue
+from cds_service.jobs import live_workers
 from cds_service.invoke import run_service
 from cds_service.invoke import validate
 from cds_service.registry import ServiceDefinition
@@ -162,15 +163,23 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Readiness: Redis and the database answer and services are loaded; says what is missing."""
+    """Readiness: Redis and the database answer and services are loaded (503 otherwise).
+
+    Model workers are reported too; without them the service is "degraded" but ready: hooks still answer
+    their rule cards and say the AI analysis is pending.
+    """
     deps = services()
-    checks = {"services": len(deps.registry.services) > 0, "database": deps.store.ping()}
+    checks: dict[str, bool] = {"services": len(deps.registry.services) > 0, "database": deps.store.ping()}
+    workers: dict[str, int] = {}
     try:
         checks["redis"] = bool(deps.redis.ping())
+        workers = live_workers(deps.redis)
     except Exception:  # noqa: BLE001 - any Redis failure means "not ready"
         checks["redis"] = False
-    ready = all(checks.values())
-    body = {"status": "ready" if ready else "not-ready", "checks": checks}
-    if not ready:
-        body["missing"] = [name for name, ok in checks.items() if not ok]
-    return jsonify(body), 200 if ready else 503
+    missing = [name for name, ok in checks.items() if not ok]
+    missing_workers = [f"workers:{role}" for role, count in workers.items() if count == 0]
+    status = "not-ready" if missing else "degraded" if missing_workers or not workers else "ready"
+    body: dict[str, Any] = {"status": status, "checks": checks, "workers": workers}
+    if missing or missing_workers:
+        body["missing"] = missing + missing_workers
+    return jsonify(body), 503 if missing else 200

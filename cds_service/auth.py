@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ from pydantic import ValidationInfo
 from pydantic import field_validator
 from pydantic import model_validator
 
-from cds_service.errors import ServiceUnavailable
 from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import is_loopback_host
 from cds_service.jwks import JwksError
@@ -48,6 +48,8 @@ ACCEPTED_ALGORITHMS = frozenset(
 MAX_TOKEN_LIFETIME_S = 3600
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_JTI_CHARS = 256
+# The in-process replay record is pruned of expired entries beyond this size.
+LOCAL_REPLAY_LIMIT = 100_000
 
 
 class IssuerTrust(BaseModel):
@@ -130,6 +132,8 @@ class JwtVerifier:
         """Load every issuer's local JWKS file now, so a missing or broken one stops startup."""
         self._trust = trust
         self._redis = redis_client
+        self._local_seen: dict[str, float] = {}
+        self._local_lock = threading.Lock()
         self._leeway_s = leeway_s
         self._replay_key_prefix = replay_key_prefix
         self._local_keys = {
@@ -148,8 +152,8 @@ class JwtVerifier:
     def verify(self, authorization_header: str | None, audience: str) -> dict[str, Any]:
         """Return the claims of the request's JWT if it is valid for ``audience`` (the exact URL called).
 
-        Raises ``Unauthorized`` (generic message) on any failure, and ``ServiceUnavailable`` when the replay
-        store cannot be reached: a token is never accepted without its ``jti`` being recorded.
+        Raises ``Unauthorized`` (generic message) on any failure. A ``jti`` is recorded in Redis and in this
+        process; while Redis is down the process's record alone refuses replays (degrade, never fail).
         """
         try:
             return self._verify(authorization_header, audience)
@@ -236,13 +240,27 @@ class JwtVerifier:
         digest = hashlib.sha256(json.dumps([issuer, jti]).encode()).hexdigest()
         # Remembered until the token could no longer pass the exp check, so no replay outlives the record.
         ttl_s = max(1, math.ceil(remaining_s + self._leeway_s))
+        if not self._remember_locally(digest, ttl_s):
+            raise _Rejected("jti already used (replay)")
         try:
             first_use = self._redis.set(self._replay_key_prefix + digest, 1, nx=True, ex=ttl_s)
         except redis.RedisError as error:
-            logger.error("JWT replay store unavailable: %s", type(error).__name__)
-            raise ServiceUnavailable("authentication is temporarily unavailable") from None
+            # Degrade, never fail: while Redis is down this process's own record still refuses replays to it.
+            logger.warning("JWT replay store unavailable, using the local record: %s", type(error).__name__)
+            return
         if not first_use:
             raise _Rejected("jti already used (replay)")
+
+    def _remember_locally(self, digest: str, ttl_s: int) -> bool:
+        """Record a jti digest in this process; return False when it was already recorded and unexpired."""
+        now = time.monotonic()
+        with self._local_lock:
+            if len(self._local_seen) > LOCAL_REPLAY_LIMIT:
+                self._local_seen = {k: v for k, v in self._local_seen.items() if v > now}
+            if self._local_seen.get(digest, 0.0) > now:
+                return False
+            self._local_seen[digest] = now + ttl_s
+            return True
 
 
 def _bearer_token(authorization_header: str | None) -> str:

@@ -29,6 +29,20 @@ QUEUES: dict[str, str] = {"text": "medgemma-text", "image": "medgemma-image"}
 # A failed job is kept briefly so a burst of hooks doesn't hammer a broken input, then retried.
 FAILED_TTL_S = 300
 POLL_INTERVAL_S = 0.02
+# Workers refresh a key per process every HEARTBEAT_S; one that stops for HEARTBEAT_TTL_S counts as gone.
+HEARTBEAT_PREFIX = "mgcds:worker:"
+HEARTBEAT_S = 10
+HEARTBEAT_TTL_S = 30
+
+
+def live_workers(redis_client: redis.Redis) -> dict[str, int]:
+    """Return how many worker processes sent a heartbeat recently, per queue role (text, image)."""
+    counts = dict.fromkeys(QUEUES, 0)
+    for key in redis_client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=200):
+        role = key.decode().removeprefix(HEARTBEAT_PREFIX).split(":", 1)[0]
+        if role in counts:
+            counts[role] += 1
+    return counts
 
 
 def now_iso() -> str:

@@ -7,12 +7,18 @@ Importing this module never imports torch: the API process builds the same app o
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 
+import redis
 from celery import Celery
 from kombu import Queue
 
+from cds_service.jobs import HEARTBEAT_PREFIX
+from cds_service.jobs import HEARTBEAT_S
+from cds_service.jobs import HEARTBEAT_TTL_S
 from cds_service.jobs import QUEUES
-from cds_service.jobs import TASK_NAME
 from cds_service.settings import Settings
 
 
@@ -49,12 +55,31 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def start_heartbeat(settings: Settings, queue: str) -> threading.Thread:
+    """Start a daemon thread that tells the API (``readyz``) this worker is alive for ``queue``."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    key = f"{HEARTBEAT_PREFIX}{queue}:{socket.gethostname()}:{os.getpid()}"
+
+    def beat() -> None:
+        while True:
+            try:
+                client.set(key, 1, ex=HEARTBEAT_TTL_S)
+            except redis.RedisError:
+                pass  # Redis is down: the key expires and readyz reports the worker missing, as it should.
+            time.sleep(HEARTBEAT_S)
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_worker(settings: Settings, *, queue: str, concurrency: int, pool: str) -> int:
     """Run a worker consuming one model queue until it is stopped; return its exit code."""
     # One torch thread per prefork child: N children each spawning all-core thread pools thrash the CPU.
     if pool == "prefork":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     app = make_celery(settings)
+    start_heartbeat(settings, queue)
     argv = [
         "worker",
         f"--queues={QUEUES[queue]}",

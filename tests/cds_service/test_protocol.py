@@ -193,6 +193,9 @@ def test_health_and_readiness(client) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json["checks"] == {"services": True, "database": True, "redis": True}
+    assert set(ready.json["workers"]) == {"text", "image"}
+    if ready.json["status"] == "degraded":
+        assert {"workers:text", "workers:image"} & set(ready.json["missing"])
 
 
 def test_readiness_says_what_is_missing_when_redis_is_down(settings) -> None:
@@ -204,3 +207,46 @@ def test_readiness_says_what_is_missing_when_redis_is_down(settings) -> None:
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
     assert response.json["missing"] == ["redis"]
+
+
+def test_redis_down_still_answers_rule_cards_within_budget(settings, issuer, hook_body) -> None:
+    import time
+
+    from support import free_port
+
+    from cds_service.app import create_app
+
+    app = create_app(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    body = hook_body(
+        "order-select",
+        "p1",
+        prefetch={"allergies": None, "medications": None},
+    )
+    body["context"] |= {
+        "selections": ["MedicationRequest/d1"],
+        "draftOrders": {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "MedicationRequest",
+                        "id": "d1",
+                        "status": "draft",
+                        "intent": "order",
+                        "medicationCodeableConcept": {"text": "Amlodipine 5 MG"},
+                        "subject": {"reference": "Patient/p1"},
+                    }
+                }
+            ],
+        },
+    }
+    started = time.perf_counter()
+    response = app.test_client().post(
+        "/cds-services/order-review", json=body, headers=issuer.headers("/cds-services/order-review")
+    )
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.json
+    assert response.json == {"cards": []}
+    # Not a benchmark: only that a dead Redis doesn't make the hook hang past its budget.
+    assert elapsed < settings.hook_budget_ms / 1000 + 3

@@ -116,3 +116,14 @@ def running_worker_pid(server: LiveServer, job_id: str) -> str:
 
     client = redis.Redis.from_url(server.env["MEDGEMMA_CDS_REDIS_URL"])
     return client.hget(JobStore.key(job_id), "worker").decode().rsplit(":", 1)[1]
+
+
+def test_readiness_lists_live_workers(live_server: LiveServer, model_worker: ModelWorker) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = httpx.get(f"{live_server.url}/readyz").json()
+        if ready["status"] == "ready":
+            break
+        time.sleep(0.2)
+    assert ready["status"] == "ready", ready
+    assert ready["workers"]["text"] >= 1 and ready["workers"]["image"] >= 1

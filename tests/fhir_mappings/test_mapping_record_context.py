@@ -1,0 +1,171 @@
+"""Record → model context: cited lines in order of importance, under a token budget, with content hashes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import date
+from typing import Any
+
+import pytest
+
+from fhir_mappings.record_context import CHARS_PER_TOKEN
+from fhir_mappings.record_context import content_hash
+from fhir_mappings.record_context import patient_line
+from fhir_mappings.record_context import record_context
+
+TODAY = date(2025, 1, 1)
+CITED = re.compile(r"^\[(?P<ref>(?P<type>[A-Za-z]+)/[A-Za-z0-9\-.]+)\] (?P<rest>.*)$")
+
+
+def _context(chart: Any, token_budget: int = 4000, **override: Any) -> Any:
+    parts = {
+        "patient": chart.patient(),
+        "conditions": chart.search("Condition"),
+        "medications": chart.search("MedicationRequest"),
+        "allergies": chart.search("AllergyIntolerance"),
+        "observations": chart.search("Observation"),
+    }
+    parts.update(override)
+    return record_context(**parts, token_budget=token_budget, today=TODAY)
+
+
+def _cited(text: str) -> list[re.Match[str]]:
+    matches = [CITED.match(line) for line in text.splitlines()[1:]]
+    assert all(matches), text
+    return [m for m in matches if m]
+
+
+def test_every_line_cites_its_resource_and_evidence_matches(kermit: Any) -> None:
+    context = _context(kermit)
+    lines = context.text.splitlines()
+
+    assert lines[0] == "Patient: male, 31 years old"
+    cited = _cited(context.text)
+    assert [m["ref"] for m in cited] == context.evidence
+    assert len(set(context.evidence)) == len(context.evidence)
+    ids = {t: {r["id"] for r in kermit.raw(t)} for t in ("AllergyIntolerance", "Condition", "MedicationRequest")}
+    ids["Observation"] = {r["id"] for r in kermit.raw("Observation")}
+    for match in cited:
+        resource_type, resource_id = match["ref"].split("/")
+        assert resource_id in ids[resource_type]
+    # One content hash per cited resource, plus the patient's.
+    assert len(context.input_hashes) == len(context.evidence) + 1
+
+
+def test_allergies_first_then_problems_medications_observations(kermit: Any) -> None:
+    types = [m["type"] for m in _cited(_context(kermit).text)]
+    order = ["AllergyIntolerance", "Condition", "MedicationRequest", "Observation"]
+    assert types == sorted(types, key=order.index)
+    assert types[:3] == ["AllergyIntolerance"] * 3
+    assert types.count("Condition") == 1
+    assert types.count("MedicationRequest") == 3
+    assert "allergy (low criticality): Allergy to peanuts" in _context(kermit).text
+
+
+def test_observations_newest_first(louis: Any) -> None:
+    cited = [m for m in _cited(_context(louis).text) if m["type"] == "Observation"]
+    days = [m["rest"][:10] for m in cited]
+    assert len(days) > 10
+    assert days == sorted(days, reverse=True)
+    assert days[0] == max(o["effectiveDateTime"][:10] for o in louis.raw("Observation"))
+
+
+def test_observation_values_of_each_kind(kermit: Any) -> None:
+    text = _context(kermit).text
+    # valueQuantity with its unit, components (blood pressure), valueCodeableConcept.
+    assert re.search(r"\] \d{4}-\d\d-\d\d Body Weight: [\d.]+ kg$", text, re.M)
+    assert re.search(r"Blood Pressure: Diastolic Blood Pressure [\d.]+ mm\[Hg\]; Systolic Blood Pressure", text)
+    coded = [o for o in kermit.raw("Observation") if "valueCodeableConcept" in o]
+    assert coded
+    assert f"{coded[0]['code']['text']}: {coded[0]['valueCodeableConcept']['text']}" in text
+
+
+def test_small_budget_keeps_the_most_important_whole_lines(kermit: Any) -> None:
+    full = _context(kermit)
+    small = _context(kermit, token_budget=60)
+
+    assert len(small.text) <= 60 * CHARS_PER_TOKEN
+    assert 0 < len(small.evidence) < len(full.evidence)
+    assert small.evidence == full.evidence[: len(small.evidence)]
+    assert small.text.splitlines() == full.text.splitlines()[: len(small.evidence) + 1]
+    assert small.input_hashes[:-1] == full.input_hashes[: len(small.evidence)]
+    assert all(ref.startswith("AllergyIntolerance/") for ref in small.evidence)
+
+    nothing = _context(kermit, token_budget=0)
+    assert nothing.text == "Patient: male, 31 years old"
+    assert nothing.evidence == []
+
+
+def test_text_names_no_patient(kermit: Any) -> None:
+    patient = kermit.raw("Patient")[0]
+    text = _context(kermit).text
+    private = [patient["id"], patient["birthDate"], *patient["name"][0]["given"], patient["name"][0]["family"]]
+    private += [identifier["value"] for identifier in patient["identifier"]]
+    private += [line for address in patient.get("address", []) for line in address.get("line", [])]
+    private += [telecom["value"] for telecom in patient.get("telecom", [])]
+    for value in private:
+        assert value not in text
+
+
+def test_patient_age_turns_on_the_birthday(kermit: Any) -> None:
+    patient = kermit.patient()  # born 1993-06-21
+    assert patient_line(patient, date(2025, 6, 20)) == "Patient: male, 31 years old"
+    assert patient_line(patient, date(2025, 6, 21)) == "Patient: male, 32 years old"
+
+
+def test_without_patient_there_is_no_patient_line_or_hash(kermit: Any) -> None:
+    context = _context(kermit, patient=None)
+    assert context.text.splitlines()[0].startswith("[AllergyIntolerance/")
+    assert len(context.input_hashes) == len(context.evidence)
+
+
+def test_hashes_ignore_meta_but_follow_content(kermit: Any, fhir: Callable[..., Any], bundle_of: Callable[..., Any]) -> None:
+    base = _context(kermit)
+    condition = next(c for c in kermit.raw("Condition") if c["clinicalStatus"]["coding"][0]["code"] == "active")
+
+    touched = dict(condition, meta={"versionId": "7", "lastUpdated": "2025-01-01T00:00:00Z"})
+    assert content_hash(fhir(touched)) == content_hash(fhir(condition))
+    conditions = [c if c["id"] != condition["id"] else touched for c in kermit.raw("Condition")]
+    assert _context(kermit, conditions=bundle_of(conditions)).input_hashes == base.input_hashes
+
+    edited = dict(condition, onsetDateTime="2020-01-01T00:00:00+00:00")
+    conditions = [c if c["id"] != condition["id"] else edited for c in kermit.raw("Condition")]
+    changed = _context(kermit, conditions=bundle_of(conditions))
+    assert changed.evidence == base.evidence
+    differing = [i for i, (a, b) in enumerate(zip(base.input_hashes, changed.input_hashes, strict=True)) if a != b]
+    assert differing == [base.evidence.index(f"Condition/{condition['id']}")]
+
+
+def test_observation_without_value_is_left_out(fhir: Callable[..., Any], bundle_of: Callable[..., Any]) -> None:
+    observations = bundle_of(
+        [
+            {"resourceType": "Observation", "id": "empty", "status": "final", "code": {"text": "Panel"},
+             "effectiveDateTime": "2024-05-01"},
+            {"resourceType": "Observation", "id": "said", "status": "final", "code": {"text": "Smoking"},
+             "effectiveDateTime": "2024-04-01", "valueString": "never smoked"},
+        ]
+    )  # fmt: skip
+    context = record_context(None, None, None, None, observations, token_budget=1000, today=TODAY)
+    assert context.text == "[Observation/said] 2024-04-01 Smoking: never smoked"
+    assert context.evidence == ["Observation/said"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="record_context sorts observations by the string of effectiveDateTime[:10]; one with only "
+    "effectivePeriod/effectiveInstant becomes 'undated', which sorts above every date, so it is put first "
+    "and spends the budget ahead of the newest results",
+)
+def test_observation_without_effective_datetime_does_not_jump_ahead(bundle_of: Callable[..., Any]) -> None:
+    observations = bundle_of(
+        [
+            {"resourceType": "Observation", "id": "old-period", "status": "final", "code": {"text": "Urine volume"},
+             "effectivePeriod": {"start": "2001-01-01", "end": "2001-01-02"},
+             "valueQuantity": {"value": 2, "unit": "L"}},
+            {"resourceType": "Observation", "id": "new", "status": "final", "code": {"text": "Heart rate"},
+             "effectiveDateTime": "2024-05-01", "valueQuantity": {"value": 70, "unit": "/min"}},
+        ]
+    )  # fmt: skip
+    context = record_context(None, None, None, None, observations, token_budget=1000, today=TODAY)
+    assert context.evidence[0] == "Observation/new"
