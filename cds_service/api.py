@@ -17,7 +17,7 @@ from cds_service.errors import BadRequest
 from cds_service.errors import CdsError
 from cds_service.errors import NotFound
 from cds_service.errors import UnsupportedMediaType
-from cds_service.invoke import json_depth
+from cds_service.invoke import json_problem
 from cds_service.jobs import JobQueue
 from cds_service.jobs import live_workers
 from cds_service.invoke import run_service
@@ -44,9 +44,9 @@ def read_json_body() -> Any:
         body = json.loads(request.get_data(cache=False))
     except (ValueError, RecursionError):
         raise BadRequest("body is not valid JSON") from None
-    limit = services().settings.max_json_depth
-    if json_depth(body) > limit:
-        raise BadRequest(f"JSON nests deeper than {limit} levels")
+    problem = json_problem(body, services().settings.max_json_depth)
+    if problem:
+        raise BadRequest(problem)
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body

@@ -64,10 +64,14 @@ class Services:
     send_job: Callable[[str, str], None]
 
 
-def build_verifier(settings: Settings, redis_client: redis.Redis) -> JwtVerifier | AuthDisabled | NoTrustedIssuers:
+def build_verifier(
+    settings: Settings, redis_client: redis.Redis
+) -> JwtVerifier | AuthDisabled | NoTrustedIssuers:
     """Return the inbound-JWT verifier the settings ask for."""
     if settings.auth_disabled:
-        log.warning("AUTHENTICATION IS DISABLED (MEDGEMMA_CDS_AUTH_DISABLED=true): for local development only")
+        log.warning(
+            "AUTHENTICATION IS DISABLED (MEDGEMMA_CDS_AUTH_DISABLED=true): for local development only"
+        )
         return AuthDisabled()
     if settings.trusted_issuers is None:
         log.warning("no trusted issuers configured: every hook and feedback call will be refused with 401")

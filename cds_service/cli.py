@@ -58,12 +58,17 @@ def load_sample_data(args: argparse.Namespace) -> int:
     if args.token:
         headers["Authorization"] = f"Bearer {args.token}"
     for bundle_path in sorted(SAMPLE_DATA.glob("*.json")):
-        response = httpx.post(args.fhir_base.rstrip("/"), content=bundle_path.read_bytes(), headers=headers, timeout=60)
+        response = httpx.post(
+            args.fhir_base.rstrip("/"), content=bundle_path.read_bytes(), headers=headers, timeout=60
+        )
         if response.status_code >= 300:
             print(f"{bundle_path.name}: FHIR server answered {response.status_code}", file=sys.stderr)
             return 1
         entries = response.json().get("entry", [])
-        patient = next((e["resource"]["id"] for e in entries if e.get("resource", {}).get("resourceType") == "Patient"), "")
+        patient = next(
+            (e["resource"]["id"] for e in entries if e.get("resource", {}).get("resourceType") == "Patient"),
+            "",
+        )
         print(f"{bundle_path.name}: {len(entries)} resources loaded, Patient/{patient}")
     return 0
 

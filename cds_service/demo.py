@@ -225,6 +225,7 @@ class Printer:
         self.out = out
         self.tty = out.isatty()
         self._progress = ""
+        self._progress_key = ""
 
     def style(self, text: str, colour: str) -> str:
         """Return ``text`` in a colour when writing to a terminal."""
@@ -235,20 +236,21 @@ class Printer:
         self.end_progress()
         print(text, file=self.out, flush=True)
 
-    def progress(self, text: str) -> None:
-        """Show a progress line: rewritten in place on a terminal, printed when it changes otherwise."""
+    def progress(self, text: str, key: str) -> None:
+        """Show a progress line: rewritten in place on a terminal, otherwise printed when ``key`` changes."""
         if self.tty:
             print("\r\033[K" + text, end="", file=self.out, flush=True)
             self._progress = text
-        elif text != self._progress:
+        elif key != self._progress_key:
             print(text, file=self.out, flush=True)
-            self._progress = text
+            self._progress_key = key
 
     def end_progress(self) -> None:
         """Finish a progress line on a terminal."""
         if self.tty and self._progress:
             print(file=self.out, flush=True)
         self._progress = ""
+        self._progress_key = ""
 
     def markdown(self, text: str, indent: str) -> None:
         """Print card markdown readably: bold kept as bold on a terminal, paragraphs wrapped and indented."""
@@ -401,13 +403,13 @@ def medgemma_cds_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "cds_service.cli"]
 
 
-def ensure_redis(redis_url: str, processes: Processes) -> str:
-    """Return a Redis URL that answers: the configured one, or a ``redis-server`` started at its address."""
+def ensure_redis(redis_url: str, processes: Processes) -> bool:
+    """Make sure Redis answers at ``redis_url``, starting ``redis-server`` there if not; True if started."""
     parts = urlsplit(redis_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     if answers_tcp(host, port):
         processes.printer.line(f"  Redis: {host}:{port} answers, using it")
-        return redis_url
+        return False
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise DemoError(
             f"Redis at {host}:{port} doesn't answer (MEDGEMMA_CDS_REDIS_URL); start it or unset it"
@@ -424,7 +426,7 @@ def ensure_redis(redis_url: str, processes: Processes) -> str:
         grace_s=5,
     )
     wait_until(lambda: answers_tcp(host, port), 10, processes, "redis-server")
-    return redis_url
+    return True
 
 
 def model_settings(settings: Settings, cache_dir: Path, processes: Processes) -> dict[str, str]:
@@ -463,12 +465,12 @@ def api_answers(url: str) -> bool:
         return False
 
 
-def workers_on(settings: Settings, redis_url: str, queue: str) -> list[str]:
+def workers_on(settings: Settings, queue: str) -> list[str]:
     """Return the Celery workers consuming a model queue (empty when none answers within a second)."""
     from cds_service.jobs import QUEUES
     from worker.celery_app import make_celery
 
-    celery = make_celery(settings.model_copy(update={"redis_url": redis_url}))
+    celery = make_celery(settings)
     try:
         active = celery.control.inspect(timeout=1).active_queues() or {}
     except Exception:  # noqa: BLE001 - no answer means no worker to reuse
@@ -499,9 +501,10 @@ def await_ai_card(
     wait_s: float,
     printer: Printer,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Re-fire a hook until its AI card replaces the "running" card; return the new cards and an outcome line.
+    """Re-fire a hook once its job is over; return the AI cards it then answers and an outcome line.
 
-    Between calls the job's state is shown. Gives up after ``wait_s`` seconds (the job keeps running).
+    Meanwhile the job's state is read from its status URL and shown. After ``wait_s`` seconds the hook is
+    fired once more whatever the state (the job keeps running in the worker).
     """
     started = time.monotonic()
     spinner = "|/-\\"
@@ -513,19 +516,24 @@ def await_ai_card(
         except (httpx.HTTPError, ValueError):
             state = "?"
         hint = " (waiting for a worker to load the model)" if state == "queued" else ""
-        printer.progress(f"  {spinner[tick % 4]} {service_id}: AI job {state}{hint}, {elapsed:.0f} s")
+        printer.progress(f"  {spinner[tick % 4]} {service_id}: AI job {state}{hint}, {elapsed:.0f} s", state)
         tick += 1
         if state in ("done", "failed") or elapsed > wait_s:
             cards = fire(http, url, service_id, body)
             break
         time.sleep(1.0)
     printer.end_progress()
-    if pending_job_url(cards) is None and state != "failed":
-        return [c for c in cards if c.get("source", {}).get("label", "").startswith("MedGemma AI")], (
-            f"AI card arrived after {time.monotonic() - started:.0f} s:"
-        )
-    if state == "failed":
-        error = http.get(job_url).json().get("error", "unknown error")
+    ai_cards = [c for c in cards if c.get("source", {}).get("label", "").startswith("MedGemma AI")]
+    if ai_cards:
+        return ai_cards, f"AI card arrived after {time.monotonic() - started:.0f} s:"
+    if pending_job_url(cards) is None:
+        try:
+            record = http.get(job_url).json()
+        except (httpx.HTTPError, ValueError):
+            record = {"state": "gone"}
+        if record.get("state") == "done":
+            return [], "AI analysis finished with nothing to add (no AI card for this call)."
+        error = record.get("error", f"job {record.get('state')}")
         return [], f"AI analysis failed ({error}); the rule cards above stand on their own."
     return [], (
         f"AI analysis still running after {wait_s:.0f} s. Follow it at {job_url} and fire the hook again "
@@ -591,7 +599,8 @@ def _run(
 ) -> int:
     url = f"http://127.0.0.1:{port}"
     printer.line(printer.style("MedGemma CDS demo", "bold"))
-    redis_url = ensure_redis(settings.redis_url, processes)
+    redis_url = settings.redis_url
+    own_redis = ensure_redis(redis_url, processes)
     env = dict(os.environ) | model_settings(settings, cache_dir, processes)
     env |= {
         "MEDGEMMA_CDS_REDIS_URL": redis_url,
@@ -600,7 +609,8 @@ def _run(
         "MEDGEMMA_CDS_AUTH_DISABLED": "true",
     }
     command = medgemma_cds_command()
-    existing = workers_on(settings, redis_url, "text")
+    # A Redis the demo just started has no workers to ask about.
+    existing = [] if own_redis else workers_on(settings, "text")
     if existing and {"text_model", "image_model"} & settings.model_fields_set:
         printer.line(f"  model worker: using {', '.join(existing)}")
     else:
@@ -636,7 +646,7 @@ def _run(
         pending: list[tuple[str, dict[str, Any], str]] = []
         for service_id, body in calls:
             printer.line()
-            printer.line(printer.style(f"== {body['hook']} -> {service_id} ", "bold").ljust(70, "="))
+            printer.line(printer.style(f"== {body['hook']} -> {service_id} ".ljust(70, "="), "bold"))
             cards = fire(http, url, service_id, body)
             if not cards:
                 printer.line("  (no cards)")
@@ -647,7 +657,7 @@ def _run(
                 pending.append((service_id, body, job_url))
         for service_id, body, job_url in pending:
             printer.line()
-            printer.line(printer.style(f"== {service_id}: waiting for the AI card ", "bold").ljust(70, "="))
+            printer.line(printer.style(f"== {service_id}: waiting for the AI card ".ljust(70, "="), "bold"))
             ai_cards, outcome = await_ai_card(http, url, service_id, body, job_url, wait_s, printer)
             printer.line("  " + outcome)
             for card in ai_cards:

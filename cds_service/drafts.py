@@ -208,7 +208,9 @@ class DraftService:
             )
             answer = self.http.post(base, content=bundle.model_dump_json(exclude_none=True), headers=headers)
         except httpx.HTTPError:
-            raise UpstreamError("the FHIR server for write-back is unreachable; the draft is unchanged") from None
+            raise UpstreamError(
+                "the FHIR server for write-back is unreachable; the draft is unchanged"
+            ) from None
         if answer.status_code >= 300:
             log.warning("write-back refused", extra={"status": answer.status_code})
             raise UpstreamError(

@@ -165,4 +165,3 @@ def reject_draft(draft_id: str) -> Any:
     if from_page:
         return render_template("review.html", draft=draft, access=request.form.get("access"), practitioner="")
     return jsonify(DraftView.of(draft).wire())
-

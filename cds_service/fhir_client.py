@@ -75,7 +75,9 @@ class FhirReader:
         response = self._get(url, headers)
         elapsed = time.perf_counter() - started
         if response.status_code >= 400:
-            raise FhirReadError("status", f"FHIR server answered {response.status_code}", response.status_code)
+            raise FhirReadError(
+                "status", f"FHIR server answered {response.status_code}", response.status_code
+            )
         if len(response.content) > MAX_RESPONSE_BYTES:
             raise FhirReadError("invalid", "FHIR server response is too large")
         try:
@@ -95,7 +97,9 @@ class FhirReader:
             headers["Authorization"] = f"Bearer {self._token}"
         response = self._get(target, headers)
         if response.status_code >= 400:
-            raise FhirReadError("status", f"FHIR server answered {response.status_code}", response.status_code)
+            raise FhirReadError(
+                "status", f"FHIR server answered {response.status_code}", response.status_code
+            )
         if len(response.content) > max_bytes * 2:
             raise FhirReadError("invalid", "attachment is larger than the image limit")
         if "json" in response.headers.get("content-type", ""):

@@ -71,7 +71,12 @@ class StoreDraftRecorder:
     """Records drafts for one hook call (its patient, encounter and user) in the durable store."""
 
     def __init__(
-        self, drafts: DraftService, settings: Settings, patient_id: str, encounter_id: str | None, user_id: str
+        self,
+        drafts: DraftService,
+        settings: Settings,
+        patient_id: str,
+        encounter_id: str | None,
+        user_id: str,
     ) -> None:
         self.drafts = drafts
         self.settings = settings

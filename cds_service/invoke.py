@@ -38,17 +38,26 @@ def validate(model: type[Model], data: Any, prefix: str = "") -> Model:
         raise BadRequest(f"invalid request: {fields}", details=details) from None
 
 
-def json_depth(value: Any) -> int:
-    """Return the nesting depth of a parsed JSON value (iteratively, so hostile input can't blow the stack)."""
-    deepest, stack = 0, [(value, 1)]
+def json_problem(value: Any, max_depth: int) -> str | None:
+    """Return what makes parsed JSON unacceptable (too deep, a NUL in a string), or None.
+
+    Walked iteratively, so hostile nesting can't blow the stack. NUL (U+0000) is refused because FHIR strings
+    forbid control characters and PostgreSQL text can't hold it.
+    """
+    stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        deepest = max(deepest, depth)
+        if depth > max_depth:
+            return f"JSON nests deeper than {max_depth} levels"
         if isinstance(node, dict):
+            if any("\x00" in key for key in node):
+                return "JSON strings must not contain NUL (U+0000)"
             stack.extend((child, depth + 1) for child in node.values())
         elif isinstance(node, list):
             stack.extend((child, depth + 1) for child in node)
-    return deepest
+        elif isinstance(node, str) and "\x00" in node:
+            return "JSON strings must not contain NUL (U+0000)"
+    return None
 
 
 def parse_hook_call(
@@ -57,7 +66,9 @@ def parse_hook_call(
     """Validate a hook body for this service; return the request, its context and the parsed draftOrders."""
     hook_request = validate(HookRequest, body)
     if hook_request.hook != definition.hook:
-        raise BadRequest(f"service '{definition.id}' answers hook '{definition.hook}', not '{hook_request.hook}'")
+        raise BadRequest(
+            f"service '{definition.id}' answers hook '{definition.hook}', not '{hook_request.hook}'"
+        )
     context = validate(HOOK_CONTEXTS[definition.hook], hook_request.context, prefix="context.")
     if len(hook_request.prefetch or {}) > settings.max_prefetch_keys:
         raise BadRequest(f"too many prefetch keys (limit {settings.max_prefetch_keys})")

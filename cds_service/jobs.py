@@ -139,7 +139,12 @@ class JobQueue:
     """The handle a hook handler gets (``wire.ModelJobs``): request a model job, never waiting past the deadline."""
 
     def __init__(
-        self, store: JobStore, send: Callable[[str, str], None], settings: Settings, service_id: str, deadline: float
+        self,
+        store: JobStore,
+        send: Callable[[str, str], None],
+        settings: Settings,
+        service_id: str,
+        deadline: float,
     ) -> None:
         self.store = store
         self._send = send
@@ -183,7 +188,11 @@ class JobQueue:
             if created:
                 self._send(job_id, role)
             record = self.store.get(job_id)
-            while record is not None and record.state in ("queued", "running") and time.monotonic() < self.deadline:
+            while (
+                record is not None
+                and record.state in ("queued", "running")
+                and time.monotonic() < self.deadline
+            ):
                 time.sleep(min(POLL_INTERVAL_S, max(0.0, self.deadline - time.monotonic())))
                 record = self.store.get(job_id)
             return record

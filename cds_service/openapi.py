@@ -120,10 +120,16 @@ _EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "Readiness": {
         "type": "object",
+        "description": "degraded: ready, but a model queue has no live worker (hooks answer rule cards).",
         "required": ["status", "checks"],
         "properties": {
-            "status": {"enum": ["ready", "not-ready"]},
+            "status": {"enum": ["ready", "degraded", "not-ready"]},
             "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
+            "workers": {
+                "type": "object",
+                "description": "Live workers per model role.",
+                "additionalProperties": {"type": "integer", "minimum": 0},
+            },
             "missing": {"type": "array", "items": {"type": "string"}},
         },
     },

@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     )
     fhir_allow_http_loopback: bool = False
     fhir_writeback_url: str | None = Field(
-        default=None, description="FHIR base that signed reports are written to; unset: kept in the store only."
+        default=None,
+        description="FHIR base that signed reports are written to; unset: kept in the store only.",
     )
     fhir_writeback_token: SecretStr | None = None
     secret_key: SecretStr = Field(

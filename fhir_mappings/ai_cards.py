@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from cds_service.wire import JobRecord
+
 from cds_service.wire import Card
+from cds_service.wire import JobRecord
 from cds_service.wire import Link
 from cds_service.wire import Source
 from fhir_mappings.model_outputs import PatientSummaryOutput
@@ -76,7 +77,10 @@ def summary_ai_card(
 
 
 def job_cards(
-    record: JobRecord | None, what: str, job_url: Callable[[str], str], done: Callable[[JobRecord], Card | None]
+    record: JobRecord | None,
+    what: str,
+    job_url: Callable[[str], str],
+    done: Callable[[JobRecord], Card | None],
 ) -> list[Card]:
     """Return the card for a model job's state: its result when done, "running" while pending, none on failure.
 
@@ -85,8 +89,8 @@ def job_cards(
     """
     if record is None or record.state == "failed":
         return []
-    if record.state == "done" and record.result is not None:
-        card = done(record)
+    if record.state == "done":
+        card = done(record) if record.result is not None else None
         return [card] if card is not None else []
     return [pending_card(what, job_url(record.id))]
 

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fhir_mappings.record import EPOCH
+from fhir_mappings.record import as_instant
+
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "application/dicom", "image/dicom"}
 DICOM_MAGIC_OFFSET = 128
 
@@ -44,7 +47,9 @@ def _pixels_of_dicom(data: bytes, max_pixels: int) -> Image.Image:
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if rows * columns * frames > max_pixels:
-        raise ImageRejected(f"DICOM image has {rows * columns * frames} pixels, over the limit of {max_pixels}")
+        raise ImageRejected(
+            f"DICOM image has {rows * columns * frames} pixels, over the limit of {max_pixels}"
+        )
     pixels = dataset.pixel_array
     if frames > 1:
         pixels = pixels[0]
@@ -115,7 +120,9 @@ def _attachment_source(resource: Any, attachment: Any, study: str | None, taken:
         resource=f"{resource.get_resource_type()}/{resource.id}",
         study=study,
         content_type=content_type,
-        data_b64=base64.b64encode(attachment.data).decode() if isinstance(attachment.data, bytes) else attachment.data,
+        data_b64=base64.b64encode(attachment.data).decode()
+        if isinstance(attachment.data, bytes)
+        else attachment.data,
         url=attachment.url,
         taken=str(taken or ""),
     )
@@ -126,7 +133,12 @@ def image_sources(media: list[Any], documents: list[Any]) -> list[ImageSource]:
     sources: list[ImageSource] = []
     for item in media:
         study = next(
-            (p.reference for p in item.partOf or [] if p.reference and p.reference.startswith("ImagingStudy/")), None
+            (
+                p.reference
+                for p in item.partOf or []
+                if p.reference and p.reference.startswith("ImagingStudy/")
+            ),
+            None,
         )
         source = _attachment_source(item, item.content, study, item.createdDateTime or item.issued)
         if source:
@@ -134,10 +146,11 @@ def image_sources(media: list[Any], documents: list[Any]) -> list[ImageSource]:
     for document in documents:
         related = document.context.related if document.context else None
         study = next(
-            (r.reference for r in related or [] if r.reference and r.reference.startswith("ImagingStudy/")), None
+            (r.reference for r in related or [] if r.reference and r.reference.startswith("ImagingStudy/")),
+            None,
         )
         for content in document.content or []:
             source = _attachment_source(document, content.attachment, study, document.date)
             if source:
                 sources.append(source)
-    return sorted(sources, key=lambda s: s.taken, reverse=True)
+    return sorted(sources, key=lambda s: as_instant(s.taken) or EPOCH, reverse=True)

@@ -34,13 +34,18 @@ def reported_references(reports: Any) -> set[str]:
     return covered
 
 
-def imaging_worklist(studies: Any, media: Any, documents: Any, reports: Any) -> tuple[list[ImageSource], list[Any]]:
+def imaging_worklist(
+    studies: Any, media: Any, documents: Any, reports: Any
+) -> tuple[list[ImageSource], list[Any]]:
     """Return (images to read, newest first; studies with no retrievable image), leaving out reported ones."""
     covered = reported_references(reports)
+    every_source = image_sources(
+        bundle_resources(media, "Media"), bundle_resources(documents, "DocumentReference")
+    )
+    # A report that covers an image covers that image's study too.
+    covered |= {s.study for s in every_source if s.study and s.resource in covered}
     sources = [
-        s
-        for s in image_sources(bundle_resources(media, "Media"), bundle_resources(documents, "DocumentReference"))
-        if s.resource not in covered and (s.study is None or s.study not in covered)
+        s for s in every_source if s.resource not in covered and (s.study is None or s.study not in covered)
     ]
     with_image = {s.study for s in sources}
     without_image = [
@@ -87,7 +92,11 @@ def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: Draf
     return Card(
         summary=f"AI draft imaging report ready for review ({output.urgency})"[:139],
         detail="\n\n".join(
-            [f"**Impression (AI draft):** {output.impression}", f"**Findings (AI draft):** {output.findings}", AI_DISCLAIMER]
+            [
+                f"**Impression (AI draft):** {output.impression}",
+                f"**Findings (AI draft):** {output.findings}",
+                AI_DISCLAIMER,
+            ]
         ),
         indicator=URGENCY_INDICATOR[output.urgency],  # type: ignore[arg-type]
         source=model_source(record),
@@ -105,7 +114,12 @@ def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: Draf
         ],
         selection_behavior="at-most-one",
         links=[
-            Link(label="Review and sign the draft", url=draft.review_url, type="smart", app_context=f'{{"draftId": "{draft.id}"}}')
+            Link(
+                label="Review and sign the draft",
+                url=draft.review_url,
+                type="smart",
+                app_context=f'{{"draftId": "{draft.id}"}}',
+            )
         ],
     )
 

@@ -29,21 +29,28 @@ def orders_context(draft_orders: Any, selections: list[str]) -> tuple[str, list[
     lines, refs = [], []
     for order in selected_medication_orders(draft_orders, selections):
         dosage = "; ".join(d.text for d in order.dosageInstruction or [] if d.text)
-        lines.append(f"[{reference(order)}] draft order: {concept_text(medication_concept(order))} {dosage}".strip())
+        lines.append(
+            f"[{reference(order)}] draft order: {concept_text(medication_concept(order))} {dosage}".strip()
+        )
         refs.append(reference(order))
     return "\n".join(lines), refs
 
 
-def order_review_card(output: OrderReviewOutput, record: JobRecord, selected: list[str], rule_flagged: set[str]) -> Card | None:
+def order_review_card(
+    output: OrderReviewOutput, record: JobRecord, selected: list[str], rule_flagged: set[str]
+) -> Card | None:
     """Return the AI card for the model's concerns about selected orders, or None when it has none."""
     concerns = [c for c in output.concerns if c.order_id in selected]
     overruled = sorted({c.order_id for c in concerns if c.action == "keep"} & rule_flagged)
     concerns = [c for c in concerns if not (c.action == "keep" and c.order_id in rule_flagged)]
     if not concerns and not overruled:
         return None
-    lines = [f"**{c.order_id}** ({c.severity}): {c.issue} Recommendation: {c.recommendation}" for c in concerns]
+    lines = [
+        f"**{c.order_id}** ({c.severity}): {c.issue} Recommendation: {c.recommendation}" for c in concerns
+    ]
     notes = [
-        f"The model saw no problem with {ref}, but the rule check flagged it: the rule card stands." for ref in overruled
+        f"The model saw no problem with {ref}, but the rule check flagged it: the rule card stands."
+        for ref in overruled
     ]
     removable = sorted({c.order_id for c in concerns if c.action == "remove"} - rule_flagged)
     severity = max((c.severity for c in concerns), key=SEVERITY_RANK.__getitem__, default="info")

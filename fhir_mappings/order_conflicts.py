@@ -48,34 +48,13 @@ DRUG_CLASSES = {
 }
 # Words of drug names that are forms, devices or units, not ingredients.
 _STOPWORDS = {
-    "allergy",
-    "allergic",
-    "intolerance",
-    "product",
-    "oral",
-    "tablet",
-    "tablets",
-    "capsule",
-    "chewable",
-    "solution",
-    "suspension",
-    "injection",
-    "injectable",
-    "injector",
-    "auto",
-    "actuat",
-    "metered",
-    "dose",
-    "inhaler",
-    "extended",
-    "release",
-    "topical",
-    "cream",
-    "disintegrating",
-    "prefilled",
-    "syringe",
-    "unit",
-}
+    "allergy", "allergic", "intolerance", "product", "oral", "tablet", "tablets", "capsule", "chewable",
+    "solution", "suspension", "injection", "injectable", "injector", "auto", "actuat", "metered", "dose",
+    "inhaler", "extended", "release", "topical", "cream", "disintegrating", "prefilled", "syringe", "unit",
+    # Salts and esters name the form of an ingredient, not the drug: two hydrochlorides are not a duplicate.
+    "hydrochloride", "sodium", "potassium", "calcium", "sulfate", "acetate", "citrate", "phosphate", "maleate",
+    "succinate", "tartrate", "besylate", "mesylate", "fumarate", "bromide", "chloride", "hyclate",
+}  # fmt: skip
 _WORD = re.compile(r"[a-z]{4,}")
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC
+from datetime import date
+from datetime import datetime
 from typing import Any
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+EPOCH = datetime(1, 1, 1, tzinfo=UTC)
 ACTIVE_CLINICAL_STATUSES = {"active", "recurrence", "relapse"}
 
 
@@ -87,3 +91,21 @@ def markdown_list(items: Iterable[str]) -> str:
     """Return a markdown bullet list, or ``_none_``."""
     lines = [f"- {item}" for item in items]
     return "\n".join(lines) if lines else "_none_"
+
+
+def as_instant(value: Any) -> datetime | None:
+    """Return a FHIR date/dateTime/instant as an aware datetime (a date is its midnight UTC), or None.
+
+    Comparing instants, not their text, keeps "04:00-05:00" after "01:00Z".
+    """
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -6,11 +6,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import date
+from datetime import datetime
 from typing import Any
 
+from fhir_mappings.record import EPOCH
 from fhir_mappings.record import active_allergies
 from fhir_mappings.record import active_conditions
 from fhir_mappings.record import active_medication_requests
+from fhir_mappings.record import as_instant
 from fhir_mappings.record import bundle_resources
 from fhir_mappings.record import concept_text
 from fhir_mappings.record import medication_concept
@@ -31,8 +34,19 @@ class RecordContext:
 
 def content_hash(resource: Any) -> str:
     """Return a hash of a resource's content, ignoring ``meta`` (which changes without the content changing)."""
-    data = resource.model_dump(mode="json", exclude={"meta"}, exclude_none=True)
+    # fhir.resources' model_dump ignores ``exclude``, so meta is dropped from the dumped dict instead.
+    data = resource.model_dump(mode="json", exclude_none=True)
+    data.pop("meta", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def observation_time(observation: Any) -> datetime | None:
+    """Return when an Observation applies: effectiveDateTime, effectiveInstant or the start of effectivePeriod."""
+    period = observation.effectivePeriod
+    value = (
+        observation.effectiveDateTime or observation.effectiveInstant or (period.start if period else None)
+    )
+    return as_instant(value)
 
 
 def _day(value: Any) -> str:
@@ -84,12 +98,16 @@ def record_context(
         criticality = f" ({allergy.criticality} criticality)" if allergy.criticality else ""
         candidates.append((allergy, f"allergy{criticality}: {concept_text(allergy.code)}"))
     for condition in active_conditions(conditions):
-        candidates.append((condition, f"{_day(condition.onsetDateTime)} problem: {concept_text(condition.code)}"))
+        candidates.append(
+            (condition, f"{_day(condition.onsetDateTime)} problem: {concept_text(condition.code)}")
+        )
     for request in active_medication_requests(medications):
         text = concept_text(medication_concept(request))
         candidates.append((request, f"{_day(request.authoredOn)} medication: {text}"))
-    dated = [(o, _day(o.effectiveDateTime)) for o in bundle_resources(observations, "Observation")]
-    for observation, day in sorted(dated, key=lambda pair: pair[1], reverse=True):
+    dated = [(o, observation_time(o)) for o in bundle_resources(observations, "Observation")]
+    # Newest first; undated observations go last rather than ahead of every dated one.
+    for observation, when in sorted(dated, key=lambda pair: pair[1] or EPOCH, reverse=True):
+        day = when.date().isoformat() if when else "undated"
         value = _observation_value(observation)
         if value:
             candidates.append((observation, f"{day} {concept_text(observation.code)}: {value}"))

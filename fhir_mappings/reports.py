@@ -17,7 +17,9 @@ from fhir.resources.R4B.provenance import Provenance
 from fhir_mappings.model_outputs import ImagingReadOutput
 
 DRAFT_IDENTIFIER_SYSTEM = "urn:medgemma-cds:draft-report"
-AI_NOTICE = "AI-generated draft (MedGemma, not a clinical-grade model) - requires clinician review and signature."
+AI_NOTICE = (
+    "AI-generated draft (MedGemma, not a clinical-grade model) - requires clinician review and signature."
+)
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 # LOINC 18748-4 "Diagnostic imaging study" names the report when the study carries no procedure code.
@@ -30,7 +32,11 @@ def report_text(findings: str, impression: str) -> str:
 
 
 def _text_attachment(text: str, title: str) -> dict[str, Any]:
-    return {"contentType": "text/plain; charset=utf-8", "data": base64.b64encode(text.encode()).decode(), "title": title}
+    return {
+        "contentType": "text/plain; charset=utf-8",
+        "data": base64.b64encode(text.encode()).decode(),
+        "title": title,
+    }
 
 
 def draft_report(
@@ -51,7 +57,11 @@ def draft_report(
         "category": [
             {
                 "coding": [
-                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "RAD",
+                        "display": "Radiology",
+                    }
                 ]
             }
         ],
@@ -60,7 +70,9 @@ def draft_report(
         "issued": issued.isoformat(),
         "conclusion": output.impression,
         "presentedForm": [
-            _text_attachment(f"{AI_NOTICE}\n\n{report_text(output.findings, output.impression)}", "AI draft report")
+            _text_attachment(
+                f"{AI_NOTICE}\n\n{report_text(output.findings, output.impression)}", "AI draft report"
+            )
         ],
     }
     if encounter_id:
@@ -100,7 +112,12 @@ def ai_provenance(target: str, model_id: str, model_version: str, recorded: date
 
 
 def signed_report(
-    draft: dict[str, Any], text: str, conclusion: str, practitioner: str, practitioner_name: str, issued: datetime
+    draft: dict[str, Any],
+    text: str,
+    conclusion: str,
+    practitioner: str,
+    practitioner_name: str,
+    issued: datetime,
 ) -> DiagnosticReport:
     """Return the final report: the clinician's text replaces the AI's, and they are the results interpreter."""
     data = dict(draft)
@@ -117,7 +134,9 @@ def signed_report(
     return DiagnosticReport.model_validate(data)
 
 
-def clinician_provenance(target: str, practitioner: str, practitioner_name: str, recorded: datetime) -> Provenance:
+def clinician_provenance(
+    target: str, practitioner: str, practitioner_name: str, recorded: datetime
+) -> Provenance:
     """Return the Provenance of the sign-off: the practitioner verified (VERIFY) the target as verifier."""
     return Provenance.model_validate(
         {
@@ -127,7 +146,9 @@ def clinician_provenance(target: str, practitioner: str, practitioner_name: str,
             "activity": {"coding": [{"system": DATA_OPERATION, "code": "VERIFY", "display": "verify"}]},
             "agent": [
                 {
-                    "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "verifier", "display": "Verifier"}]},
+                    "type": {
+                        "coding": [{"system": PARTICIPANT_TYPE, "code": "verifier", "display": "Verifier"}]
+                    },
                     "who": {"reference": practitioner, "display": practitioner_name},
                 }
             ],
@@ -136,7 +157,11 @@ def clinician_provenance(target: str, practitioner: str, practitioner_name: str,
 
 
 def writeback_bundle(
-    report: DiagnosticReport, draft_id: str, model: tuple[str, str], practitioner: tuple[str, str], at: datetime
+    report: DiagnosticReport,
+    draft_id: str,
+    model: tuple[str, str],
+    practitioner: tuple[str, str],
+    at: datetime,
 ) -> Bundle:
     """Return the transaction that writes a signed report and both Provenances.
 
@@ -155,7 +180,9 @@ def writeback_bundle(
             },
         },
         {
-            "resource": ai_provenance(report_url, model[0], model[1], at).model_dump(mode="json", exclude_none=True),
+            "resource": ai_provenance(report_url, model[0], model[1], at).model_dump(
+                mode="json", exclude_none=True
+            ),
             "request": {"method": "POST", "url": "Provenance"},
         },
         {

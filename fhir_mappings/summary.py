@@ -25,7 +25,9 @@ def summary_cards(patient: Any, conditions: Any, medications: Any, allergies: An
     if patient is None:
         return []
     problems = sorted({concept_text(c.code) for c in active_conditions(conditions)} - {""})
-    meds = sorted({concept_text(medication_concept(m)) for m in active_medication_requests(medications)} - {""})
+    meds = sorted(
+        {concept_text(medication_concept(m)) for m in active_medication_requests(medications)} - {""}
+    )
     allergy_lines = sorted(
         {
             concept_text(a.code) + (f" ({a.criticality} criticality)" if a.criticality else "")

@@ -55,6 +55,8 @@ def order_review(call: HookCall) -> HookResponse:
     flagged = {a.resource_id for c in cards for s in c.suggestions for a in s.actions if a.resource_id}
 
     def done(finished):  # noqa: ANN001, ANN202 - local callback
-        return order_review_card(OrderReviewOutput.model_validate(finished.result), finished, selected, flagged)
+        return order_review_card(
+            OrderReviewOutput.model_validate(finished.result), finished, selected, flagged
+        )
 
     return HookResponse(cards=cards + job_cards(job, "Order review", call.jobs.job_url, done))

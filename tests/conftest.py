@@ -223,7 +223,14 @@ def model_worker(live_server: LiveServer, tmp_path_factory: pytest.TempPathFacto
     log_dir = tmp_path_factory.mktemp("worker")
     processes = [
         subprocess.Popen(
-            [str(Path(sys.executable).parent / "medgemma-cds"), "worker", "--queue", queue, "--concurrency", "1"],
+            [
+                str(Path(sys.executable).parent / "medgemma-cds"),
+                "worker",
+                "--queue",
+                queue,
+                "--concurrency",
+                "1",
+            ],
             env=live_server.env,
             stdout=(log_dir / f"{queue}.log").open("w"),
             stderr=subprocess.STDOUT,

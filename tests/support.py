@@ -75,7 +75,9 @@ class Issuer:
         now = int(time.time())
         body = {"iss": self.iss, "aud": audience, "exp": now + 300, "iat": now, "jti": uuid.uuid4().hex}
         body.update(claims)
-        return jwt.encode({"alg": "ES384", "typ": "JWT", "kid": self.kid}, body, self.key, algorithms=["ES384"])
+        return jwt.encode(
+            {"alg": "ES384", "typ": "JWT", "kid": self.kid}, body, self.key, algorithms=["ES384"]
+        )
 
     def headers(self, path: str) -> dict[str, str]:
         """Return an Authorization header for a call to ``PUBLIC_URL + path``."""

@@ -1,8 +1,8 @@
-"""Fixtures for the mapping tests: the shipped Synthea charts as fhir.resources objects, and a resource builder.
+"""Fixtures for the mapping tests: the shipped Synthea charts as fhir.resources objects, and builders.
 
-The sample files are transaction Bundles whose entries already carry ids (their ``urn:uuid`` full URLs name the
-same ids), so a chart's resources are read as they are and regrouped into searchset Bundles, which is the shape
-a FHIR server answers a prefetch query with.
+The sample files are transaction Bundles whose entries already carry ids (their ``urn:uuid`` full URLs
+name the same ids), so a chart's resources are read as they are and regrouped into searchset Bundles,
+the shape a FHIR server answers a prefetch query with.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "cds_service" / "data" / "sample"
 
 
 def parse(data: dict[str, Any]) -> Any:
-    """Return the fhir.resources R4B object of a resource dict (validated as the service validates prefetch)."""
+    """Return the fhir.resources R4B object of a resource dict (validated as prefetch is)."""
     return get_fhir_model_class(data["resourceType"]).model_validate(data)
 
 

@@ -46,7 +46,10 @@ def allergy(
         "code": code,
         "clinicalStatus": {
             "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": clinical}
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                    "code": clinical,
+                }
             ]
         },
         "verificationStatus": {
@@ -64,7 +67,9 @@ def allergy(
 
 
 PENICILLIN_ALLERGY = allergy(
-    "pen", {"coding": [{"system": SNOMED, "code": "91936005", "display": "Allergy to penicillin"}]}, criticality="high"
+    "pen",
+    {"coding": [{"system": SNOMED, "code": "91936005", "display": "Allergy to penicillin"}]},
+    criticality="high",
 )
 
 
@@ -135,7 +140,9 @@ def test_penicillin_allergy_flags_amoxicillin_by_class(bundle_of: Callable[..., 
 
 def test_class_rule_does_not_cross_classes(bundle_of: Callable[..., Any]) -> None:
     drafts = bundle_of([order("cef", "Cefalexin 500 MG Oral Capsule", "309114")])
-    assert order_conflict_cards(drafts, ["MedicationRequest/cef"], bundle_of([PENICILLIN_ALLERGY]), None) == []
+    assert (
+        order_conflict_cards(drafts, ["MedicationRequest/cef"], bundle_of([PENICILLIN_ALLERGY]), None) == []
+    )
 
 
 def test_duplicate_therapy_by_code_on_kermits_chart(kermit: Any, bundle_of: Callable[..., Any]) -> None:
@@ -143,7 +150,10 @@ def test_duplicate_therapy_by_code_on_kermits_chart(kermit: Any, bundle_of: Call
     drafts = bundle_of([order("hctz", "HCTZ 25mg tab", "316049")])
 
     cards = order_conflict_cards(
-        drafts, ["MedicationRequest/hctz"], kermit.search("AllergyIntolerance"), kermit.search("MedicationRequest")
+        drafts,
+        ["MedicationRequest/hctz"],
+        kermit.search("AllergyIntolerance"),
+        kermit.search("MedicationRequest"),
     )
 
     assert len(cards) == 1
@@ -153,12 +163,17 @@ def test_duplicate_therapy_by_code_on_kermits_chart(kermit: Any, bundle_of: Call
     assert {r["code"] for r in body["overrideReasons"]} == {"intended-combination", "replacing-existing"}
 
 
-def test_duplicate_therapy_by_ingredient_word_on_kermits_chart(kermit: Any, bundle_of: Callable[..., Any]) -> None:
+def test_duplicate_therapy_by_ingredient_word_on_kermits_chart(
+    kermit: Any, bundle_of: Callable[..., Any]
+) -> None:
     # Another loratadine product: other code, other form; the ingredient word matches.
     drafts = bundle_of([order("lor", "Loratadine 10 MG Oral Tablet", "311372")])
 
     cards = order_conflict_cards(
-        drafts, ["MedicationRequest/lor"], kermit.search("AllergyIntolerance"), kermit.search("MedicationRequest")
+        drafts,
+        ["MedicationRequest/lor"],
+        kermit.search("AllergyIntolerance"),
+        kermit.search("MedicationRequest"),
     )
 
     assert [c.summary for c in cards] == [
@@ -170,7 +185,10 @@ def test_duplicate_therapy_by_ingredient_word_on_kermits_chart(kermit: Any, bund
 def test_clean_order_on_kermits_chart_gives_no_card(kermit: Any, bundle_of: Callable[..., Any]) -> None:
     drafts = bundle_of([order("amox", "Amoxicillin 500 MG Oral Capsule", "308191")])
     cards = order_conflict_cards(
-        drafts, ["MedicationRequest/amox"], kermit.search("AllergyIntolerance"), kermit.search("MedicationRequest")
+        drafts,
+        ["MedicationRequest/amox"],
+        kermit.search("AllergyIntolerance"),
+        kermit.search("MedicationRequest"),
     )
     assert cards == []
 
@@ -185,13 +203,17 @@ def test_only_selected_orders_are_checked(bundle_of: Callable[..., Any]) -> None
     )
     allergies = bundle_of([PENICILLIN_ALLERGY])
 
-    cards = order_conflict_cards(drafts, ["MedicationRequest/para", "MedicationRequest/ampi"], allergies, None)
+    cards = order_conflict_cards(
+        drafts, ["MedicationRequest/para", "MedicationRequest/ampi"], allergies, None
+    )
 
     assert len(cards) == 1
     _assert_rule_card(cards[0], "MedicationRequest/ampi")
     assert order_conflict_cards(drafts, ["MedicationRequest/para"], allergies, None) == []
     # A selection naming another resource type, or an order not in draftOrders, selects nothing.
-    assert order_conflict_cards(drafts, ["ServiceRequest/amox", "MedicationRequest/gone"], allergies, None) == []
+    assert (
+        order_conflict_cards(drafts, ["ServiceRequest/amox", "MedicationRequest/gone"], allergies, None) == []
+    )
 
 
 def test_selected_medication_orders_keeps_bundle_order(bundle_of: Callable[..., Any]) -> None:
@@ -202,7 +224,12 @@ def test_selected_medication_orders_keeps_bundle_order(bundle_of: Callable[..., 
 
 @pytest.mark.parametrize(
     ("clinical", "verification"),
-    [("active", "refuted"), ("active", "entered-in-error"), ("inactive", "confirmed"), ("resolved", "confirmed")],
+    [
+        ("active", "refuted"),
+        ("active", "entered-in-error"),
+        ("inactive", "confirmed"),
+        ("resolved", "confirmed"),
+    ],
 )
 def test_refuted_or_inactive_allergy_is_ignored(
     bundle_of: Callable[..., Any], clinical: str, verification: str
@@ -231,14 +258,13 @@ def test_allergy_and_duplicate_on_one_order_give_two_cards(bundle_of: Callable[.
         _assert_rule_card(card, "MedicationRequest/amox")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="order_conflicts._words keeps salt words (hydrochloride, sodium, ...) as ingredients, so two different "
-    "drugs sharing a salt are reported as duplicate therapy",
-)
 def test_shared_salt_is_not_duplicate_therapy(bundle_of: Callable[..., Any]) -> None:
     drafts = bundle_of([order("dph", "Diphenhydramine Hydrochloride 25 MG Oral Tablet", "1049630")])
     active = bundle_of(
-        [order("met", "24 HR Metformin hydrochloride 500 MG Extended Release Oral Tablet", "860975", "active")]
+        [
+            order(
+                "met", "24 HR Metformin hydrochloride 500 MG Extended Release Oral Tablet", "860975", "active"
+            )
+        ]
     )
     assert order_conflict_cards(drafts, ["MedicationRequest/dph"], None, active) == []

@@ -7,8 +7,6 @@ from collections.abc import Callable
 from datetime import date
 from typing import Any
 
-import pytest
-
 from fhir_mappings.record_context import CHARS_PER_TOKEN
 from fhir_mappings.record_context import content_hash
 from fhir_mappings.record_context import patient_line
@@ -44,7 +42,9 @@ def test_every_line_cites_its_resource_and_evidence_matches(kermit: Any) -> None
     cited = _cited(context.text)
     assert [m["ref"] for m in cited] == context.evidence
     assert len(set(context.evidence)) == len(context.evidence)
-    ids = {t: {r["id"] for r in kermit.raw(t)} for t in ("AllergyIntolerance", "Condition", "MedicationRequest")}
+    ids = {
+        t: {r["id"] for r in kermit.raw(t)} for t in ("AllergyIntolerance", "Condition", "MedicationRequest")
+    }
     ids["Observation"] = {r["id"] for r in kermit.raw("Observation")}
     for match in cited:
         resource_type, resource_id = match["ref"].split("/")
@@ -75,7 +75,9 @@ def test_observation_values_of_each_kind(kermit: Any) -> None:
     text = _context(kermit).text
     # valueQuantity with its unit, components (blood pressure), valueCodeableConcept.
     assert re.search(r"\] \d{4}-\d\d-\d\d Body Weight: [\d.]+ kg$", text, re.M)
-    assert re.search(r"Blood Pressure: Diastolic Blood Pressure [\d.]+ mm\[Hg\]; Systolic Blood Pressure", text)
+    assert re.search(
+        r"Blood Pressure: Diastolic Blood Pressure [\d.]+ mm\[Hg\]; Systolic Blood Pressure", text
+    )
     coded = [o for o in kermit.raw("Observation") if "valueCodeableConcept" in o]
     assert coded
     assert f"{coded[0]['code']['text']}: {coded[0]['valueCodeableConcept']['text']}" in text
@@ -100,7 +102,12 @@ def test_small_budget_keeps_the_most_important_whole_lines(kermit: Any) -> None:
 def test_text_names_no_patient(kermit: Any) -> None:
     patient = kermit.raw("Patient")[0]
     text = _context(kermit).text
-    private = [patient["id"], patient["birthDate"], *patient["name"][0]["given"], patient["name"][0]["family"]]
+    private = [
+        patient["id"],
+        patient["birthDate"],
+        *patient["name"][0]["given"],
+        patient["name"][0]["family"],
+    ]
     private += [identifier["value"] for identifier in patient["identifier"]]
     private += [line for address in patient.get("address", []) for line in address.get("line", [])]
     private += [telecom["value"] for telecom in patient.get("telecom", [])]
@@ -120,52 +127,83 @@ def test_without_patient_there_is_no_patient_line_or_hash(kermit: Any) -> None:
     assert len(context.input_hashes) == len(context.evidence)
 
 
-def test_hashes_ignore_meta_but_follow_content(kermit: Any, fhir: Callable[..., Any], bundle_of: Callable[..., Any]) -> None:
-    base = _context(kermit)
-    condition = next(c for c in kermit.raw("Condition") if c["clinicalStatus"]["coding"][0]["code"] == "active")
+def _active_condition(chart: Any) -> dict[str, Any]:
+    return next(c for c in chart.raw("Condition") if c["clinicalStatus"]["coding"][0]["code"] == "active")
 
-    touched = dict(condition, meta={"versionId": "7", "lastUpdated": "2025-01-01T00:00:00Z"})
-    assert content_hash(fhir(touched)) == content_hash(fhir(condition))
-    conditions = [c if c["id"] != condition["id"] else touched for c in kermit.raw("Condition")]
-    assert _context(kermit, conditions=bundle_of(conditions)).input_hashes == base.input_hashes
+
+def _with_condition(chart: Any, replacement: dict[str, Any], bundle_of: Callable[..., Any]) -> Any:
+    conditions = [c if c["id"] != replacement["id"] else replacement for c in chart.raw("Condition")]
+    return bundle_of(conditions)
+
+
+def test_hashes_follow_content(kermit: Any, fhir: Callable[..., Any], bundle_of: Callable[..., Any]) -> None:
+    base = _context(kermit)
+    condition = _active_condition(kermit)
+    assert content_hash(fhir(condition)) == content_hash(fhir(_active_condition(kermit)))
+    assert _context(kermit).input_hashes == base.input_hashes
 
     edited = dict(condition, onsetDateTime="2020-01-01T00:00:00+00:00")
-    conditions = [c if c["id"] != condition["id"] else edited for c in kermit.raw("Condition")]
-    changed = _context(kermit, conditions=bundle_of(conditions))
+    changed = _context(kermit, conditions=_with_condition(kermit, edited, bundle_of))
+
     assert changed.evidence == base.evidence
-    differing = [i for i, (a, b) in enumerate(zip(base.input_hashes, changed.input_hashes, strict=True)) if a != b]
+    differing = [
+        i for i, (a, b) in enumerate(zip(base.input_hashes, changed.input_hashes, strict=True)) if a != b
+    ]
     assert differing == [base.evidence.index(f"Condition/{condition['id']}")]
 
 
-def test_observation_without_value_is_left_out(fhir: Callable[..., Any], bundle_of: Callable[..., Any]) -> None:
+def test_hashes_ignore_meta(kermit: Any, fhir: Callable[..., Any], bundle_of: Callable[..., Any]) -> None:
+    base = _context(kermit)
+    condition = _active_condition(kermit)
+    touched = dict(condition, meta={"versionId": "7", "lastUpdated": "2025-01-01T00:00:00Z"})
+
+    assert (
+        _context(kermit, conditions=_with_condition(kermit, touched, bundle_of)).input_hashes
+        == base.input_hashes
+    )
+    assert content_hash(fhir(touched)) == content_hash(fhir(condition))
+
+
+def _observation(observation_id: str, text: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": observation_id,
+        "status": "final",
+        "code": {"text": text},
+        **fields,
+    }
+
+
+def test_observation_without_value_is_left_out(
+    fhir: Callable[..., Any], bundle_of: Callable[..., Any]
+) -> None:
     observations = bundle_of(
         [
-            {"resourceType": "Observation", "id": "empty", "status": "final", "code": {"text": "Panel"},
-             "effectiveDateTime": "2024-05-01"},
-            {"resourceType": "Observation", "id": "said", "status": "final", "code": {"text": "Smoking"},
-             "effectiveDateTime": "2024-04-01", "valueString": "never smoked"},
+            _observation("empty", "Panel", effectiveDateTime="2024-05-01"),
+            _observation("said", "Smoking", effectiveDateTime="2024-04-01", valueString="never smoked"),
         ]
-    )  # fmt: skip
+    )
     context = record_context(None, None, None, None, observations, token_budget=1000, today=TODAY)
     assert context.text == "[Observation/said] 2024-04-01 Smoking: never smoked"
     assert context.evidence == ["Observation/said"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="record_context sorts observations by the string of effectiveDateTime[:10]; one with only "
-    "effectivePeriod/effectiveInstant becomes 'undated', which sorts above every date, so it is put first "
-    "and spends the budget ahead of the newest results",
-)
 def test_observation_without_effective_datetime_does_not_jump_ahead(bundle_of: Callable[..., Any]) -> None:
     observations = bundle_of(
         [
-            {"resourceType": "Observation", "id": "old-period", "status": "final", "code": {"text": "Urine volume"},
-             "effectivePeriod": {"start": "2001-01-01", "end": "2001-01-02"},
-             "valueQuantity": {"value": 2, "unit": "L"}},
-            {"resourceType": "Observation", "id": "new", "status": "final", "code": {"text": "Heart rate"},
-             "effectiveDateTime": "2024-05-01", "valueQuantity": {"value": 70, "unit": "/min"}},
+            _observation(
+                "old-period",
+                "Urine volume",
+                effectivePeriod={"start": "2001-01-01", "end": "2001-01-02"},
+                valueQuantity={"value": 2, "unit": "L"},
+            ),
+            _observation(
+                "new",
+                "Heart rate",
+                effectiveDateTime="2024-05-01",
+                valueQuantity={"value": 70, "unit": "/min"},
+            ),
         ]
-    )  # fmt: skip
+    )
     context = record_context(None, None, None, None, observations, token_budget=1000, today=TODAY)
     assert context.evidence[0] == "Observation/new"

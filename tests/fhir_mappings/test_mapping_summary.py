@@ -26,7 +26,9 @@ def test_kermit_summary_counts_match_the_record(kermit: Any) -> None:
         c["code"]["text"] for c in kermit.raw("Condition") if _status(c, "clinicalStatus") == "active"
     }
     active_meds = {
-        m["medicationCodeableConcept"]["text"] for m in kermit.raw("MedicationRequest") if m["status"] == "active"
+        m["medicationCodeableConcept"]["text"]
+        for m in kermit.raw("MedicationRequest")
+        if m["status"] == "active"
     }
     allergies = [a for a in kermit.raw("AllergyIntolerance") if _status(a, "clinicalStatus") == "active"]
     assert (len(active_problems), len(active_meds), len(allergies)) == (1, 3, 3)

@@ -1,0 +1,175 @@
+"""Model output → AI cards (always marked as drafts), job-state cards, and the prompts the tasks send."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from cds_service.wire import Card
+from cds_service.wire import JobRecord
+from cds_service.wire import Source
+from fhir_mappings.ai_cards import AI_DISCLAIMER
+from fhir_mappings.ai_cards import MAX_EVIDENCE_LINKS
+from fhir_mappings.ai_cards import cited_evidence
+from fhir_mappings.ai_cards import evidence_links
+from fhir_mappings.ai_cards import job_cards
+from fhir_mappings.ai_cards import model_source
+from fhir_mappings.ai_cards import summary_ai_card
+from fhir_mappings.ai_cards import summary_job_cards
+from fhir_mappings.model_outputs import PatientSummaryOutput
+from fhir_mappings.prompts import SYSTEM_PROMPT
+from fhir_mappings.prompts import imaging_prompt
+from fhir_mappings.prompts import order_review_prompt
+from fhir_mappings.prompts import summary_prompt
+
+OFFERED = ["Condition/c1", "MedicationRequest/m1", "Observation/o1"]
+SUMMARY = {
+    "summary": "31 year old man with hypertension on hydrochlorothiazide.",
+    "key_problems": ["Hypertension"],
+    "medication_concerns": ["Check potassium on a thiazide"],
+    "follow_up": ["Repeat blood pressure"],
+    "evidence_ids": ["Observation/o1", "Condition/invented", "Condition/c1", "Observation/o1"],
+}
+FHIR_SERVER = "https://ehr.test/fhir/"
+
+
+def _job(state: str, result: dict[str, Any] | None = None, **fields: Any) -> JobRecord:
+    values: dict[str, Any] = {
+        "id": f"job-{state}",
+        "service_id": "patient-summary",
+        "task": "patient-summary",
+        "state": state,
+        "created_at": datetime(2025, 1, 1, tzinfo=UTC),
+        "model": "google/medgemma-4b-it",
+        "model_version": "rev-abc123",
+        "result": result,
+    }
+    values.update(fields)
+    return JobRecord(**values)
+
+
+def _job_url(job_id: str) -> str:
+    return f"https://cds.test/jobs/{job_id}"
+
+
+def test_cited_evidence_keeps_offered_ids_in_citation_order() -> None:
+    assert cited_evidence(SUMMARY["evidence_ids"], OFFERED) == ["Observation/o1", "Condition/c1"]
+    assert cited_evidence(["Patient/p1"], OFFERED) == []
+    assert cited_evidence([], OFFERED) == []
+
+
+def test_evidence_links_need_a_fhir_server_and_are_capped() -> None:
+    assert evidence_links(OFFERED, None) == []
+    assert evidence_links(OFFERED, "") == []
+    many = [f"Observation/o{i}" for i in range(MAX_EVIDENCE_LINKS + 3)]
+    links = [link.wire() for link in evidence_links(many, FHIR_SERVER)]
+    assert len(links) == MAX_EVIDENCE_LINKS
+    assert links[0] == {
+        "label": "Evidence: Observation/o0",
+        "url": "https://ehr.test/fhir/Observation/o0",
+        "type": "absolute",
+    }
+
+
+def test_model_source_names_model_and_version() -> None:
+    assert model_source(_job("done")) == Source(label="MedGemma AI draft: google/medgemma-4b-it (rev-abc123)")
+    assert model_source(_job("done", model=None, model_version=None)).label == "MedGemma AI draft: model"
+    assert len(model_source(_job("done", model="m" * 500)).label) == 200
+
+
+def test_summary_ai_card_is_a_marked_draft_citing_only_offered_evidence() -> None:
+    output = PatientSummaryOutput.model_validate(SUMMARY)
+
+    body = summary_ai_card(output, _job("done", SUMMARY), OFFERED, FHIR_SERVER).wire()
+
+    Card.model_validate(body)
+    assert body["summary"] == "AI pre-visit summary (draft, needs clinician review)"
+    assert body["indicator"] == "info"
+    assert body["source"]["label"] == "MedGemma AI draft: google/medgemma-4b-it (rev-abc123)"
+    assert body["detail"].startswith(SUMMARY["summary"])
+    assert body["detail"].endswith(AI_DISCLAIMER)
+    assert "**Key problems**\n\n- Hypertension" in body["detail"]
+    assert "**Medication concerns**\n\n- Check potassium on a thiazide" in body["detail"]
+    assert "**Follow-up**\n\n- Repeat blood pressure" in body["detail"]
+    assert "**Evidence used**\n\n- Observation/o1\n- Condition/c1" in body["detail"]
+    assert "Condition/invented" not in str(body)
+    assert [link["url"] for link in body["links"]] == [
+        "https://ehr.test/fhir/Observation/o1",
+        "https://ehr.test/fhir/Condition/c1",
+    ]
+    assert "suggestions" not in body
+
+
+def test_summary_ai_card_without_fhir_server_has_no_links() -> None:
+    output = PatientSummaryOutput.model_validate(SUMMARY)
+    assert "links" not in summary_ai_card(output, _job("done", SUMMARY), OFFERED, None).wire()
+
+
+def test_job_cards_for_missing_and_failed_jobs_are_empty() -> None:
+    def never(_: JobRecord) -> Card:
+        raise AssertionError("no result to render")
+
+    assert job_cards(None, "Pre-visit summary", _job_url, never) == []
+    assert (
+        job_cards(_job("failed", error="cut at max_new_tokens"), "Pre-visit summary", _job_url, never) == []
+    )
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_job_cards_for_pending_jobs_link_to_the_status(state: str) -> None:
+    def never(_: JobRecord) -> Card:
+        raise AssertionError("no result to render")
+
+    (card,) = job_cards(_job(state), "Pre-visit summary", _job_url, never)
+
+    body = card.wire()
+    Card.model_validate(body)
+    assert body["summary"] == "Pre-visit summary: AI analysis is running"
+    assert body["indicator"] == "info"
+    assert AI_DISCLAIMER in body["detail"]
+    assert body["links"] == [
+        {"label": "AI analysis status", "url": f"https://cds.test/jobs/job-{state}", "type": "absolute"}
+    ]
+
+
+def test_job_cards_for_a_done_job_render_its_result() -> None:
+    made = Card(summary="result", indicator="warning", source=Source(label="x"))
+    seen: list[JobRecord] = []
+
+    def done(record: JobRecord) -> Card | None:
+        seen.append(record)
+        return made
+
+    record = _job("done", {"anything": 1})
+    assert job_cards(record, "Order review", _job_url, done) == [made]
+    assert seen == [record]
+    assert job_cards(record, "Order review", _job_url, lambda _: None) == []
+
+
+def test_summary_job_cards_for_each_state() -> None:
+    done = summary_job_cards(_job("done", SUMMARY), OFFERED, FHIR_SERVER, _job_url)
+    assert [c.summary for c in done] == ["AI pre-visit summary (draft, needs clinician review)"]
+    queued = summary_job_cards(_job("queued"), OFFERED, FHIR_SERVER, _job_url)
+    assert [c.summary for c in queued] == ["Pre-visit summary: AI analysis is running"]
+    assert summary_job_cards(_job("failed"), OFFERED, FHIR_SERVER, _job_url) == []
+    assert summary_job_cards(None, OFFERED, FHIR_SERVER, _job_url) == []
+
+
+def test_prompts_carry_their_inputs() -> None:
+    record = "[Condition/c1] 2012-06-04 problem: Hypertension"
+    orders = "[MedicationRequest/d1] draft order: Ibuprofen 400 MG Oral Tablet"
+
+    assert summary_prompt(record).endswith(f"Record:\n{record}")
+    assert "pre-visit summary" in summary_prompt(record)
+    assert "Digital Radiography Chest study 2018-04-13" in imaging_prompt(
+        "Digital Radiography Chest study 2018-04-13"
+    )
+    assert "routine, urgent or critical" in imaging_prompt("medical image")
+    review = order_review_prompt(orders, record)
+    assert review.endswith(f"Draft orders:\n{orders}\n\nRecord:\n{record}")
+    assert "keep, change or remove" in review
+    assert "JSON" in SYSTEM_PROMPT and "square brackets" in SYSTEM_PROMPT
+    assert "not a clinical-grade" in SYSTEM_PROMPT
