@@ -127,3 +127,19 @@ def test_readiness_lists_live_workers(live_server: LiveServer, model_worker: Mod
         time.sleep(0.2)
     assert ready["status"] == "ready", ready
     assert ready["workers"]["text"] >= 1 and ready["workers"]["image"] >= 1
+
+
+def test_hook_waits_within_its_budget_for_the_model_card(
+    settings, model_worker: ModelWorker, issuer: Issuer, fhir_server: FhirServer, hook_body
+) -> None:
+    from cds_service.app import create_app
+
+    budget_ms = 60_000
+    app = create_app(settings.model_copy(update={"hook_budget_ms": budget_ms}))
+    body = summary_body(fhir_server, hook_body, "Trantow", note=f"budget test {uuid.uuid4()}")
+    started = time.perf_counter()
+    response = app.test_client().post(PATH, json=body, headers=issuer.headers(PATH))
+    elapsed = time.perf_counter() - started
+    # One call: the job was enqueued, ran in the worker, and its card came back before the budget ran out.
+    assert [c["summary"] for c in response.json["cards"]][1] == "AI pre-visit summary (draft, needs clinician review)"
+    assert elapsed < budget_ms / 1000
