@@ -18,10 +18,10 @@ from cds_service.errors import CdsError
 from cds_service.errors import NotFound
 from cds_service.errors import UnsupportedMediaType
 from cds_service.invoke import json_problem
-from cds_service.jobs import JobQueue
-from cds_service.jobs import live_workers
 from cds_service.invoke import run_service
 from cds_service.invoke import validate
+from cds_service.jobs import JobQueue
+from cds_service.jobs import live_workers
 from cds_service.registry import ServiceDefinition
 from cds_service.wire import DiscoveryResponse
 from cds_service.wire import FeedbackRequest

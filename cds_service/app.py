@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class AuthDisabled:
-    """Stands in for the verifier when ``AUTH_DISABLED`` is set: accepts every call (local development only)."""
+    """Stands in for the verifier when ``AUTH_DISABLED`` is set: accepts every call (local dev only)."""
 
     def verify(self, authorization_header: str | None, audience: str) -> dict[str, object]:
         """Return empty claims without checking anything."""

@@ -1,4 +1,4 @@
-"""The ``medgemma-cds`` command: serve, worker, demo, build-tiny-model, load-sample-data, check, db-upgrade."""
+"""The ``medgemma-cds`` command: serve, worker, demo, build-tiny-model, load-sample-data, check."""
 
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ def draft_image(draft_id: str) -> Response:
 
 @bp.post("/drafts/<draft_id>/sign")
 def sign_draft(draft_id: str) -> Any:
-    """Sign: the report becomes final with the clinician's text; written back once (a double-click is a no-op)."""
+    """Sign: the report becomes final with the clinician's text; written back once."""
     sign, from_page = _submitted(SignRequest, draft_id, "sign")
     draft = services().drafts.sign(draft_id, sign.text, sign.practitioner, sign.practitioner_name)
     if from_page:

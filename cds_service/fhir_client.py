@@ -1,4 +1,4 @@
-"""Reads from the EHR's ``fhirServer``: allowlisted, with the hook's bearer token, never following a redirect blindly."""
+"""Reads from the EHR's ``fhirServer``: allowlisted, with the hook's bearer token, redirects checked."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
 class FhirReadError(Exception):
-    """A read failed; ``kind`` says how (unreachable, timeout, status, invalid), ``status`` the HTTP code if any."""
+    """A read failed; ``kind`` says how (unreachable, timeout, status, invalid); ``status`` the HTTP code."""
 
     def __init__(self, kind: str, detail: str, status: int | None = None) -> None:
         super().__init__(detail)
@@ -86,7 +86,7 @@ class FhirReader:
             raise FhirReadError("invalid", f"FHIR server sent invalid FHIR: {exc}") from None
 
     def read_bytes(self, url: str, *, max_bytes: int) -> bytes:
-        """GET an attachment URL (relative to the base, or absolute on an allowlisted server); return its bytes.
+        """GET an attachment URL (relative to the base, or absolute and allowlisted); return its bytes.
 
         A FHIR ``Binary`` answered as JSON is unwrapped (R4 Binary.data); anything else is taken as raw bytes.
         """
@@ -122,11 +122,11 @@ class FhirReader:
             if not response.is_redirect:
                 return response
             url = urljoin(url, response.headers.get("Location", ""))
-            # The guard judges where a request goes (scheme, host, port, path); a search's query is not part of it.
+            # The guard judges where a request goes (scheme, host, port, path), not a search's query.
             check_fhir_server_url(_without_query(url), self._allowlist, self._allow_http_loopback)
         raise FhirReadError("status", "FHIR server redirected too many times", 310)
 
 
 def _without_query(url: str) -> str:
-    # The guard judges where a request goes (scheme, host, port, path); a search's query is not part of it.
+    # The guard judges where a request goes (scheme, host, port, path), not a search's query.
     return urlunsplit(urlsplit(url)._replace(query="", fragment=""))

@@ -1,4 +1,4 @@
-"""The hook pipeline after authentication: request model → context model → prefetch → handler → response model."""
+"""The hook pipeline after authentication: request → context → prefetch → handler → response."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import TypeVar
 from pydantic import BaseModel
 from pydantic import ValidationError
 
-from cds_service.errors import BadRequest
 from cds_service.drafts import DraftService
+from cds_service.errors import BadRequest
 from cds_service.fhir_client import FhirReader
 from cds_service.fhir_client import parse_resource
 from cds_service.hook_io import RecordImages

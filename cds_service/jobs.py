@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC
 from datetime import datetime
-from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -136,7 +136,7 @@ class JobStore:
 
 
 class JobQueue:
-    """The handle a hook handler gets (``wire.ModelJobs``): request a model job, never waiting past the deadline."""
+    """The handle a hook handler gets (``wire.ModelJobs``): model work that never waits past the deadline."""
 
     def __init__(
         self,
@@ -163,7 +163,7 @@ class JobQueue:
         input_hashes: list[str],
         images_b64: list[str] | None = None,
     ) -> JobRecord | None:
-        """Enqueue the job unless it exists, wait until done or the deadline; None when Redis is unreachable."""
+        """Enqueue the job unless it exists, wait until done or the deadline; None without Redis."""
         settings = self._settings
         model, revision = (
             (settings.text_model, settings.text_model_revision)

@@ -13,9 +13,9 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import JSON
-from sqlalchemy import LargeBinary
 from sqlalchemy import DateTime
 from sqlalchemy import Integer
+from sqlalchemy import LargeBinary
 from sqlalchemy import String
 from sqlalchemy import Text
 from sqlalchemy import create_engine
@@ -174,7 +174,7 @@ class Store:
 
 
 class Draft(Base):
-    """An AI-drafted report awaiting a clinician: draft → signed | rejected; the AI text is never overwritten."""
+    """An AI-drafted report awaiting a clinician: draft → signed | rejected; the AI text is kept."""
 
     __tablename__ = "drafts"
 

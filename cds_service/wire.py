@@ -52,7 +52,7 @@ class WireModel(BaseModel):
 
 
 class FhirAuthorization(BaseModel):
-    """OAuth 2.0 access token the EHR grants for ``fhirServer`` (§FHIR Resource Access); snake_case on the wire."""
+    """OAuth 2.0 access token the EHR grants for ``fhirServer`` (§FHIR Resource Access), snake_case."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -130,7 +130,7 @@ class HookRequest(WireModel):
 
 
 class Coding(WireModel):
-    """A FHIR Coding as cards use it (topic, overrideReasons): ``code`` required, ``system`` and ``display``."""
+    """A FHIR Coding as cards use it (topic, overrideReasons): ``code`` required."""
 
     code: str = Field(min_length=1)
     system: str | None = None
@@ -366,7 +366,7 @@ class JobRecord(BaseModel):
 
 
 class ModelJobs(Protocol):
-    """What a handler uses to ask for model work without knowing about queues (``cds_service.jobs.JobQueue``)."""
+    """What a handler uses to ask for model work without knowing about queues (``jobs.JobQueue``)."""
 
     def request(
         self,
@@ -379,7 +379,7 @@ class ModelJobs(Protocol):
         input_hashes: list[str],
         images_b64: list[str] | None = None,
     ) -> JobRecord | None:
-        """Enqueue (or find) a model job; return its record as it stands at the hook's deadline (None: no Redis)."""
+        """Enqueue (or find) a model job; return its record at the hook's deadline (None: no Redis)."""
         ...
 
     def job_url(self, job_id: str) -> str:
@@ -410,7 +410,7 @@ class RecordImages(Protocol):
     """Reads an image attachment (inline or from ``fhirServer``) within the configured limits."""
 
     def load(self, content_type: str, data_b64: str | None, url: str | None) -> LoadedImage:
-        """Return the image, or raise ``ValueError`` (``fhir_mappings.images.ImageRejected``) saying why not."""
+        """Return the image, or raise ``ImageRejected`` (a ValueError) saying why not."""
         ...
 
 

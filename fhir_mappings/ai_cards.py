@@ -45,7 +45,7 @@ def pending_card(what: str, job_url: str) -> Card:
     """Return the info card that says a model job is still running, linking to its status."""
     return Card(
         summary=f"{what}: AI analysis is running",
-        detail=f"The model is still working. Open this card again (or reopen the chart) to see the result.\n\n{AI_DISCLAIMER}",
+        detail=f"The model is still working. Reopen the chart to see the result.\n\n{AI_DISCLAIMER}",
         indicator="info",
         source=Source(label="MedGemma CDS"),
         links=[Link(label="AI analysis status", url=job_url, type="absolute")],
@@ -82,10 +82,10 @@ def job_cards(
     job_url: Callable[[str], str],
     done: Callable[[JobRecord], Card | None],
 ) -> list[Card]:
-    """Return the card for a model job's state: its result when done, "running" while pending, none on failure.
+    """Return the card for a model job's state: its result when done, "running" while pending.
 
-    A failed job (e.g. output cut at max_new_tokens) shows no card; its error stays on the job record. ``done``
-    may return None when the finished result has nothing to say.
+    A failed job (e.g. output cut at max_new_tokens) shows no card; its error stays on the job record.
+    ``done`` may return None when the finished result has nothing to say.
     """
     if record is None or record.state == "failed":
         return []

@@ -52,8 +52,8 @@ _STOPWORDS = {
     "solution", "suspension", "injection", "injectable", "injector", "auto", "actuat", "metered", "dose",
     "inhaler", "extended", "release", "topical", "cream", "disintegrating", "prefilled", "syringe", "unit",
     # Salts and esters name the form of an ingredient, not the drug: two hydrochlorides are not a duplicate.
-    "hydrochloride", "sodium", "potassium", "calcium", "sulfate", "acetate", "citrate", "phosphate", "maleate",
-    "succinate", "tartrate", "besylate", "mesylate", "fumarate", "bromide", "chloride", "hyclate",
+    "hydrochloride", "sodium", "potassium", "calcium", "sulfate", "acetate", "citrate", "phosphate",
+    "maleate", "succinate", "tartrate", "besylate", "mesylate", "fumarate", "bromide", "chloride", "hyclate",
 }  # fmt: skip
 _WORD = re.compile(r"[a-z]{4,}")
 

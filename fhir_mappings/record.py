@@ -78,7 +78,7 @@ def active_allergies(bundle: Any) -> list[Any]:
 
 
 def medication_concept(request: Any) -> Any:
-    """Return the CodeableConcept a MedicationRequest orders (contained Medication references are not read)."""
+    """Return the CodeableConcept a MedicationRequest orders (a contained Medication is not read)."""
     return request.medicationCodeableConcept
 
 

@@ -33,7 +33,7 @@ class RecordContext:
 
 
 def content_hash(resource: Any) -> str:
-    """Return a hash of a resource's content, ignoring ``meta`` (which changes without the content changing)."""
+    """Return a hash of a resource's content, ignoring ``meta`` (it changes when content doesn't)."""
     # fhir.resources' model_dump ignores ``exclude``, so meta is dropped from the dumped dict instead.
     data = resource.model_dump(mode="json", exclude_none=True)
     data.pop("meta", None)
@@ -41,7 +41,7 @@ def content_hash(resource: Any) -> str:
 
 
 def observation_time(observation: Any) -> datetime | None:
-    """Return when an Observation applies: effectiveDateTime, effectiveInstant or the start of effectivePeriod."""
+    """Return when an Observation applies: effective[x] (a period's start)."""
     period = observation.effectivePeriod
     value = (
         observation.effectiveDateTime or observation.effectiveInstant or (period.start if period else None)

@@ -49,7 +49,7 @@ def draft_report(
     media: str | None,
     issued: datetime,
 ) -> DiagnosticReport:
-    """Return the preliminary DiagnosticReport for an AI image read (R4 DiagnosticReport, status preliminary)."""
+    """Return the preliminary DiagnosticReport for an AI image read (status preliminary)."""
     data: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "identifier": [{"system": DRAFT_IDENTIFIER_SYSTEM, "value": draft_id}],
@@ -85,7 +85,7 @@ def draft_report(
 
 
 def ai_provenance(target: str, model_id: str, model_version: str, recorded: datetime) -> Provenance:
-    """Return the Provenance of an AI draft: the model, as a contained Device, authored (CREATE) the target."""
+    """Return the Provenance of an AI draft: the model (a contained Device) authored it."""
     return Provenance.model_validate(
         {
             "resourceType": "Provenance",
@@ -119,7 +119,7 @@ def signed_report(
     practitioner_name: str,
     issued: datetime,
 ) -> DiagnosticReport:
-    """Return the final report: the clinician's text replaces the AI's, and they are the results interpreter."""
+    """Return the final report: the clinician's text, the clinician as results interpreter."""
     data = dict(draft)
     data.update(
         {

@@ -7,12 +7,12 @@ from cds_service.registry import service
 from cds_service.wire import HookCall
 from cds_service.wire import HookResponse
 from fhir_mappings.ai_cards import job_cards
+from fhir_mappings.images import ImageRejected
 from fhir_mappings.imaging import describe_source
 from fhir_mappings.imaging import imaging_draft_card
 from fhir_mappings.imaging import imaging_worklist
 from fhir_mappings.imaging import no_image_card
 from fhir_mappings.imaging import unreadable_image_card
-from fhir_mappings.images import ImageRejected
 from fhir_mappings.model_outputs import ImagingReadOutput
 from fhir_mappings.prompts import SYSTEM_PROMPT
 from fhir_mappings.prompts import imaging_prompt

@@ -26,7 +26,7 @@ from fhir_mappings.record_context import record_context
     id="order-review",
     hook="order-select",
     title="Order review",
-    description="Checks selected draft medication orders against allergies and active medications, plus an AI review.",
+    description="Checks selected draft medication orders against allergies and active drugs; AI review too.",
     prefetch={
         "allergies": "AllergyIntolerance?patient={{context.patientId}}",
         "medications": "MedicationRequest?patient={{context.patientId}}&status=active",

@@ -22,17 +22,17 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc.jwk import ECKey
+from support import CLAIM_KEY
 from support import FHIR_TOKEN
 from support import ISSUER
 from support import PG_ADMIN_URL
 from support import PUBLIC_URL
-from support import CLAIM_KEY
 from support import SAMPLE
-from support import claim_redis_db
 from support import FhirServer
 from support import Issuer
 from support import LiveServer
 from support import ModelWorker
+from support import claim_redis_db
 from support import free_port
 from support import model_env
 from support import service_env
@@ -130,7 +130,7 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
 
 @pytest.fixture
 def settings(database_url: str, redis_url: str, issuer: Issuer, tiny_model_dir: Path) -> Settings:
-    """Settings for one test: real PostgreSQL and Redis, auth on with the test issuer, loopback FHIR allowed."""
+    """Settings for one test: real PostgreSQL and Redis, auth on (test issuer), loopback FHIR."""
     return Settings(
         database_url=database_url,
         redis_url=redis_url,

@@ -1,4 +1,4 @@
-"""imaging-report-draft end to end: FHIR server, Redis, a Celery worker with the tiny model, gunicorn, Chromium.
+"""imaging-report-draft end to end: FHIR server, Redis, Celery worker (tiny model), gunicorn, Chromium.
 
 Attach a chest X-ray to a patient's ImagingStudy, fire patient-view, get the pending card, re-fire and get
 the draft card, sign it in the review page in headless Chromium, and read the final report and both
@@ -93,7 +93,7 @@ def media_with_image(patient_id: str, **image: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def chest_xray_patient(fhir_server: FhirServer) -> str:
-    """Louis Erdman's chest ImagingStudy gets its image: a Binary with the PNG, and a Media pointing at both."""
+    """Louis Erdman's chest ImagingStudy gets its image: a Binary PNG and a Media."""
     patient_id = fhir_server.patients["Erdman"]
     study = search(fhir_server, f"ImagingStudy?patient={patient_id}")[0]
     png = (SAMPLE / "cxr-00000001_000.png").read_bytes()
@@ -147,7 +147,8 @@ def test_draft_signed_in_browser_is_written_back_final_with_two_provenances(
         assert page.input_value("#practitioner") == "Practitioner/COREPRACTITIONER1"
         page.fill(
             "#text",
-            "FINDINGS:\nNo acute abnormality (edited by the signing clinician).\n\nIMPRESSION:\nNormal chest.",
+            "FINDINGS:\nNo acute abnormality (edited by the signing clinician).\n\n"
+            "IMPRESSION:\nNormal chest.",
         )
         page.fill("#practitionerName", "Dr Test Signer")
         page.click("#sign")

@@ -98,9 +98,9 @@ def test_unselected_or_unrelated_orders_give_no_card(client, issuer, hook_body) 
     assert rule_cards(response) == []
     # Only MedGemma's review of the selected order is left: running, or finished if a test worker is up.
     for card in ai_cards(response):
-        assert card["summary"] == "Order review: AI analysis is running" or card["source"]["label"].startswith(
-            "MedGemma AI draft"
-        )
+        assert card["summary"] == "Order review: AI analysis is running" or card["source"][
+            "label"
+        ].startswith("MedGemma AI draft")
 
 
 def test_malformed_draft_orders_is_400_naming_the_field(client, issuer, hook_body) -> None:

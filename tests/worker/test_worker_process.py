@@ -141,5 +141,7 @@ def test_hook_waits_within_its_budget_for_the_model_card(
     response = app.test_client().post(PATH, json=body, headers=issuer.headers(PATH))
     elapsed = time.perf_counter() - started
     # One call: the job was enqueued, ran in the worker, and its card came back before the budget ran out.
-    assert [c["summary"] for c in response.json["cards"]][1] == "AI pre-visit summary (draft, needs clinician review)"
+    assert [c["summary"] for c in response.json["cards"]][
+        1
+    ] == "AI pre-visit summary (draft, needs clinician review)"
     assert elapsed < budget_ms / 1000
