@@ -22,6 +22,9 @@ from cds_service.invoke import run_service
 from cds_service.invoke import validate
 from cds_service.jobs import JobQueue
 from cds_service.jobs import live_workers
+from cds_service.metrics import count_feedback
+from cds_service.metrics import count_job_lookup
+from cds_service.metrics import observe_prefetch
 from cds_service.registry import ServiceDefinition
 from cds_service.wire import DiscoveryResponse
 from cds_service.wire import FeedbackRequest
@@ -86,6 +89,7 @@ def call_service(service_id: str) -> Response:
         deps.settings,
         definition.id,
         deadline=time.monotonic() + deps.settings.hook_budget_ms / 1000,
+        on_lookup=count_job_lookup,
     )
     call = None
     status, outcome, cards = 200, "ok", 0
@@ -98,6 +102,7 @@ def call_service(service_id: str) -> Response:
             executor=deps.executor,
             jobs=jobs,
             drafts=deps.drafts,
+            on_fetch=observe_prefetch,
         )
         cards = len(response.cards)
         return jsonify(response.wire())
@@ -136,6 +141,8 @@ def feedback(service_id: str) -> Response:
     authenticate(f"/cds-services/{service_id}/feedback")
     feedback_request = validate(FeedbackRequest, read_json_body())
     services().store.add_feedback(definition.id, feedback_request.feedback)
+    for item in feedback_request.feedback:
+        count_feedback(item.outcome)
     return jsonify({})
 
 

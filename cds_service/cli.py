@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,10 @@ SAMPLE_DATA = Path(__file__).parent / "data" / "sample"
 
 def serve(args: argparse.Namespace) -> int:
     """Run the API under gunicorn (never Flask's development server)."""
+    # Gunicorn workers are processes: prometheus-client sums their counters through files in this folder
+    # (its multiprocess mode), which it must be told before it is first imported.
+    metrics_dir = tempfile.mkdtemp(prefix="medgemma-cds-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from gunicorn.app.base import BaseApplication
 
     from cds_service.app import create_app
@@ -37,7 +44,10 @@ def serve(args: argparse.Namespace) -> int:
         def load(self) -> Any:
             return create_app(settings)
 
-    Gunicorn().run()
+    try:
+        Gunicorn().run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -29,6 +29,9 @@ QUEUES: dict[str, str] = {"text": "medgemma-text", "image": "medgemma-image"}
 # A failed job is kept briefly so a burst of hooks doesn't hammer a broken input, then retried.
 FAILED_TTL_S = 300
 POLL_INTERVAL_S = 0.02
+#: Redis hashes (field: model id) added to once per finished job; /metrics reads model tokens/s from them.
+MODEL_TOKENS_KEY = "mgcds:metrics:generated-tokens"
+MODEL_SECONDS_KEY = "mgcds:metrics:generation-seconds"
 # Workers refresh a key per process every HEARTBEAT_S; one that stops for HEARTBEAT_TTL_S counts as gone.
 HEARTBEAT_PREFIX = "mgcds:worker:"
 HEARTBEAT_S = 10
@@ -129,6 +132,11 @@ class JobStore:
                     pipe.multi()
                     pipe.hset(key, mapping={**fields, "finished_at": now_iso()})
                     pipe.expire(key, self.ttl_s if fields["state"] == "done" else FAILED_TTL_S)
+                    if fields["state"] == "done" and "generated_tokens" in fields:
+                        # In the same transaction as the result, so a redelivered job adds nothing twice.
+                        model = str(fields.get("model", ""))
+                        pipe.hincrby(MODEL_TOKENS_KEY, model, int(fields["generated_tokens"]))
+                        pipe.hincrbyfloat(MODEL_SECONDS_KEY, model, float(fields["seconds"]))
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -145,7 +153,9 @@ class JobQueue:
         settings: Settings,
         service_id: str,
         deadline: float,
+        on_lookup: Callable[[bool], None] = lambda hit: None,
     ) -> None:
+        self._on_lookup = on_lookup
         self.store = store
         self._send = send
         self._settings = settings
@@ -188,6 +198,7 @@ class JobQueue:
             if created:
                 self._send(job_id, role)
             record = self.store.get(job_id)
+            self._on_lookup(record is not None and record.state == "done")
             while (
                 record is not None
                 and record.state in ("queued", "running")

@@ -2,9 +2,9 @@
 
 Counted in the process: requests by route, service and status; hook latency per service; each FHIR read made
 to fill prefetch; job lookups (hit or miss); feedback outcomes. Read from Redis at scrape time, so every API
-process reports the same values: the depth of the two Celery queues (LLEN), job records by state (a SCAN
-bounded at ``MAX_SCANNED_JOBS`` keys) and the models' generated tokens and generation seconds, which the
-worker adds to two Redis hashes when a job finishes (``record_generation``).
+process reports the same values: the depth of the two Celery queues (LLEN), live workers per queue (their
+heartbeats), job records by state (a SCAN bounded at ``MAX_SCANNED_JOBS`` keys) and the models' generated
+tokens and generation seconds, which ``JobStore.finish`` adds to two Redis hashes when a job finishes.
 
 Gunicorn runs several worker processes. When ``PROMETHEUS_MULTIPROC_DIR`` names an empty folder before
 prometheus-client is first imported (its multiprocess mode), the in-process counters of every gunicorn worker
@@ -37,14 +37,14 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from cds_service.jobs import MODEL_SECONDS_KEY
+from cds_service.jobs import MODEL_TOKENS_KEY
 from cds_service.jobs import QUEUES
 from cds_service.jobs import JobStore
+from cds_service.jobs import live_workers
 
 bp = Blueprint("metrics", __name__)
 
-#: Redis hashes (field: model id) the worker adds to once per finished job; see ``record_generation``.
-MODEL_TOKENS_KEY = "mgcds:metrics:generated-tokens"
-MODEL_SECONDS_KEY = "mgcds:metrics:generation-seconds"
 #: A scrape counts at most this many job records, so a huge backlog can't make /metrics slow.
 MAX_SCANNED_JOBS = 10_000
 # Kombu's Redis transport keeps a message sent with priority p > 0 in the list "{queue}\x06\x16{p}".
@@ -59,16 +59,6 @@ _FEEDBACK_OUTCOMES = {"accepted", "overridden"}
 def multiprocess_mode() -> bool:
     """Return whether prometheus-client was imported in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)."""
     return values.ValueClass is not values.MutexValue
-
-
-def record_generation(client: redis.Redis, model: str, generated_tokens: int, seconds: float) -> None:
-    """Add one finished job's tokens and generation time to the model totals the scrape reads.
-
-    Meant for the worker, once per job (inside ``JobStore.finish``'s transaction, so a redelivered job that
-    finishes again adds nothing); accepts a pipeline as ``client``.
-    """
-    client.hincrby(MODEL_TOKENS_KEY, model, generated_tokens)
-    client.hincrbyfloat(MODEL_SECONDS_KEY, model, seconds)
 
 
 class RedisCollector(Collector):
@@ -104,6 +94,15 @@ class RedisCollector(Collector):
         for index, name in enumerate(QUEUES.values()):
             depth.add_metric([name], sum(lengths[index * per_queue : (index + 1) * per_queue]))
         yield depth
+
+        live = GaugeMetricFamily(
+            "medgemma_cds_live_workers",
+            "Model worker processes whose heartbeat is fresh, per queue role.",
+            labels=["role"],
+        )
+        for role, count in live_workers(self.client).items():
+            live.add_metric([role], count)
+        yield live
 
         counts, complete = self._job_states()
         jobs = GaugeMetricFamily(
@@ -183,7 +182,7 @@ class Metrics:
     def create(cls, client: redis.Redis, service_ids: frozenset[str]) -> Metrics:
         """Return fresh metrics: registered in a registry of this app's own, or, in multiprocess mode, in
         files that a ``MultiProcessCollector`` sums at each scrape."""
-        registry = CollectorRegistry(auto_describe=True)
+        registry = CollectorRegistry()
         own: CollectorRegistry | None = registry
         if multiprocess_mode():
             multiprocess.MultiProcessCollector(registry)

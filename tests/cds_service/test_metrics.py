@@ -27,8 +27,8 @@ from cds_service.metrics import MAX_SCANNED_JOBS
 from cds_service.metrics import count_feedback
 from cds_service.metrics import count_job_lookup
 from cds_service.metrics import observe_prefetch
-from cds_service.metrics import record_generation
 from cds_service.settings import Settings
+from cds_service.wire import ModelJobRequest
 
 HOOK_ROUTE = "/cds-services/<service_id>"
 
@@ -116,6 +116,7 @@ def test_queue_depth_and_job_states_are_read_from_redis(
     before = scrape(metrics_client)
     assert sample(before, "medgemma_cds_queue_depth", queue="medgemma-text") == 0
     assert sample(before, "medgemma_cds_jobs", state="queued") == 0
+    assert sample(before, "medgemma_cds_live_workers", role="text") == 0
 
     # Budget 0: the hook enqueues the summary job and answers at once; no worker listens on this database.
     assert summary_call(metrics_client, issuer) == 200
@@ -138,16 +139,33 @@ def test_job_scan_stops_at_its_bound(metrics_client: FlaskClient, own_redis_url:
     assert sample(samples, "medgemma_cds_jobs", state="done") <= MAX_SCANNED_JOBS
 
 
-def test_model_throughput_comes_from_the_worker_totals(
+def test_model_throughput_comes_from_finished_jobs_counted_once(
     metrics_client: FlaskClient, own_redis_url: str
 ) -> None:
-    client = redis.Redis.from_url(own_redis_url)
-    record_generation(client, "google/medgemma-4b-it", 120, 2.0)
-    with client.pipeline() as pipe:
-        record_generation(pipe, "google/medgemma-4b-it", 60, 1.0)
-        pipe.execute()
-    samples = scrape(metrics_client)
+    store = JobStore(redis.Redis.from_url(own_redis_url), ttl_s=600)
     model = "google/medgemma-4b-it"
+    for index, (tokens, seconds) in enumerate([(120, 2.0), (60, 1.0)]):
+        job = ModelJobRequest(
+            service_id="patient-summary",
+            task="patient-summary",
+            role="text",
+            model=model,
+            system_prompt="s",
+            user_prompt=f"record {index}",
+            max_new_tokens=64,
+        )
+        job_id, _ = store.create(job)
+        fields = {
+            "state": "done",
+            "model": model,
+            "generated_tokens": tokens,
+            "seconds": seconds,
+            "result": "{}",
+        }
+        assert store.finish(job_id, fields)
+        # A redelivered task finishing the same job again adds nothing.
+        assert not store.finish(job_id, fields)
+    samples = scrape(metrics_client)
     assert sample(samples, "medgemma_cds_model_generated_tokens_total", model=model) == 180
     assert sample(samples, "medgemma_cds_model_generation_seconds_total", model=model) == 3.0
     assert sample(samples, "medgemma_cds_model_tokens_per_second", model=model) == 60.0
