@@ -65,8 +65,8 @@ class FhirReader:
         self._allowlist = allowlist
         self._allow_http_loopback = allow_http_loopback
 
-    def read(self, relative_url: str) -> tuple[Any, float]:
-        """GET ``relative_url`` under the base; return the parsed resource and the seconds it took."""
+    def read(self, relative_url: str) -> tuple[dict[str, Any], Any, float]:
+        """GET ``relative_url`` under the base; return its JSON, the parsed resource and the seconds taken."""
         url = urljoin(self._base, relative_url.lstrip("/"))
         headers = {"Accept": "application/fhir+json"}
         if self._token:
@@ -81,7 +81,8 @@ class FhirReader:
         if len(response.content) > MAX_RESPONSE_BYTES:
             raise FhirReadError("invalid", "FHIR server response is too large")
         try:
-            return parse_resource(response.json()), elapsed
+            data = response.json()
+            return data, parse_resource(data), elapsed
         except ValueError as exc:
             raise FhirReadError("invalid", f"FHIR server sent invalid FHIR: {exc}") from None
 

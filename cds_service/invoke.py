@@ -111,7 +111,7 @@ def run_service(
             allow_http_loopback=settings.fhir_allow_http_loopback,
         )
 
-    prefetch = resolve_prefetch(
+    prefetched = resolve_prefetch(
         definition.prefetch,
         hook_request.prefetch or {},
         context,
@@ -123,7 +123,8 @@ def run_service(
         service_id=definition.id,
         request=hook_request,
         context=context,
-        prefetch=prefetch,
+        prefetch=prefetched.resources,
+        content_hashes=prefetched.content_hashes,
         draft_orders=draft_orders,
         public_url=settings.public_url.rstrip("/"),
         jobs=jobs,

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from collections.abc import Mapping
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 from cds_service.errors import BadRequest
@@ -21,6 +22,7 @@ from cds_service.fhir_client import FhirReadError
 from cds_service.fhir_client import parse_resource
 from cds_service.registry import Prefetch
 from cds_service.wire import HookContext
+from fhir_mappings.record_context import raw_content_hashes
 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
 _USER_TOKEN_TYPES = {
@@ -82,6 +84,14 @@ def parse_sent_prefetch(key: str, data: dict[str, Any] | None, expected_type: st
     return resource
 
 
+@dataclass(frozen=True)
+class Prefetched:
+    """Every declared key resolved (a resource or None), and content hashes of the JSON they came from."""
+
+    resources: dict[str, Any]
+    content_hashes: dict[str, str]
+
+
 def resolve_prefetch(
     declared: Mapping[str, Prefetch],
     sent: Mapping[str, dict[str, Any] | None],
@@ -89,13 +99,16 @@ def resolve_prefetch(
     open_reader: Callable[[], FhirReader] | None,
     executor: Executor,
     on_fetch: Callable[[float], None] = lambda seconds: None,
-) -> dict[str, Any]:
+) -> Prefetched:
     """Return every declared key resolved to a resource or None, fetching the missing ones concurrently."""
     resolved: dict[str, Any] = {
         key: parse_sent_prefetch(key, sent[key], answer_type(prefetch.query))
         for key, prefetch in declared.items()
         if key in sent
     }
+    hashes: dict[str, str] = {}
+    for key in resolved:
+        hashes.update(raw_content_hashes(sent[key] or {}))
     values = token_values(context)
     to_fetch: dict[str, str] = {}
     for key, prefetch in declared.items():
@@ -118,12 +131,13 @@ def resolve_prefetch(
     failures: list[tuple[str, FhirReadError]] = []
     for key, future in futures.items():
         try:
-            resource, seconds = future.result()
+            data, resource, seconds = future.result()
             on_fetch(seconds)
             expected_type = answer_type(declared[key].query)
             if expected_type is not None and resource.get_resource_type() != expected_type:
                 raise FhirReadError("invalid", f"FHIR server answered a {resource.get_resource_type()}")
             resolved[key] = resource
+            hashes.update(raw_content_hashes(data))
         except FhirReadError as exc:
             if declared[key].failure_mode == "omit":
                 resolved[key] = None
@@ -131,7 +145,7 @@ def resolve_prefetch(
                 failures.append((key, exc))
     if failures:
         raise _failure_to_error(*failures[0])
-    return resolved
+    return Prefetched(resources=resolved, content_hashes=hashes)
 
 
 def _failure_to_error(key: str, error: FhirReadError) -> Exception:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
+from dataclasses import field
 from datetime import datetime
 from typing import Any
 from typing import Literal
@@ -438,6 +439,7 @@ class HookCall:
     context: PatientViewContext | OrderSelectContext | OrderSignContext
     prefetch: dict[str, Any]
     public_url: str
+    content_hashes: dict[str, str] = field(default_factory=dict)
     draft_orders: Any | None = None
     jobs: ModelJobs | None = None
     images: RecordImages | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from datetime import datetime
@@ -32,12 +33,36 @@ class RecordContext:
     input_hashes: list[str]
 
 
+def raw_content_hash(data: dict[str, Any]) -> str:
+    """Return a hash of a resource's JSON content, ignoring ``meta`` (it changes when content doesn't)."""
+    content = {k: v for k, v in data.items() if k != "meta"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
+        :32
+    ]
+
+
+def raw_content_hashes(data: dict[str, Any]) -> dict[str, str]:
+    """Return ``{"Type/id": hash}`` for a resource's JSON or every entry of a Bundle's JSON.
+
+    Hashing the JSON as received is far cheaper than re-serialising parsed fhir.resources objects.
+    """
+    resources = (
+        [e.get("resource") or {} for e in data.get("entry") or []]
+        if data.get("resourceType") == "Bundle"
+        else [data]
+    )
+    return {
+        f"{r['resourceType']}/{r['id']}": raw_content_hash(r)
+        for r in resources
+        if isinstance(r.get("resourceType"), str) and isinstance(r.get("id"), str)
+    }
+
+
 def content_hash(resource: Any) -> str:
-    """Return a hash of a resource's content, ignoring ``meta`` (it changes when content doesn't)."""
-    # fhir.resources' model_dump ignores ``exclude``, so meta is dropped from the dumped dict instead.
-    data = resource.model_dump(mode="json", exclude_none=True)
-    data.pop("meta", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
+    """Return the content hash of a parsed resource, from its re-serialised JSON (slower; for resources
+    that came without their JSON)."""
+    # fhir.resources' model_dump ignores ``exclude``, so meta is dropped by raw_content_hash instead.
+    return raw_content_hash(resource.model_dump(mode="json", exclude_none=True))
 
 
 def observation_time(observation: Any) -> datetime | None:
@@ -88,11 +113,18 @@ def record_context(
     *,
     token_budget: int,
     today: date,
+    content_hashes: Mapping[str, str] | None = None,
 ) -> RecordContext:
     """Return the record as lines "[Type/id] date kind: text", most important first, cut at the budget.
 
     Order of importance: allergies, active problems, active medications, then observations newest first.
+    ``content_hashes`` (from the JSON as received) saves re-serialising each resource to hash it.
     """
+    known = content_hashes or {}
+
+    def hash_of(resource: Any) -> str:
+        return known.get(reference(resource)) or content_hash(resource)
+
     candidates: list[tuple[Any, str]] = []
     for allergy in active_allergies(allergies):
         criticality = f" ({allergy.criticality} criticality)" if allergy.criticality else ""
@@ -123,7 +155,7 @@ def record_context(
         budget -= len(line) + 1
         lines.append(line)
         evidence.append(reference(resource))
-        hashes.append(content_hash(resource))
+        hashes.append(hash_of(resource))
     if patient is not None:
-        hashes.append(content_hash(patient))
+        hashes.append(hash_of(patient))
     return RecordContext(text="\n".join(lines), evidence=evidence, input_hashes=hashes)

@@ -47,6 +47,7 @@ def order_review(call: HookCall) -> HookResponse:
     record = record_context(
         p["patient"], p["conditions"], p["medications"], p["allergies"], p["observations"],
         token_budget=1200, today=date.today(),
+        content_hashes=call.content_hashes,
     )  # fmt: skip
     job = call.jobs.request(
         "order-review", "text", SYSTEM_PROMPT, order_review_prompt(orders_text, record.text),

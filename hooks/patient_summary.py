@@ -49,6 +49,7 @@ def patient_summary(call: HookCall) -> HookResponse:
         p["observations"],
         token_budget=CONTEXT_TOKENS,
         today=date.today(),
+        content_hashes=call.content_hashes,
     )
     job = call.jobs.request(
         "patient-summary",
