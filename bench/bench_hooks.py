@@ -370,7 +370,7 @@ def prefetch_fill(fhir_base: str, patient_id: str, rounds: int) -> tuple[float, 
         for executor in (concurrent, one):
 
             def fill(executor: ThreadPoolExecutor = executor) -> dict[str, Any]:
-                return resolve_prefetch(definition.prefetch, {}, context, reader, executor)
+                return resolve_prefetch(definition.prefetch, {}, context, reader, executor).resources
 
             resolved = fill()
             assert resolved["patient"] is not None and resolved["conditions"] is not None

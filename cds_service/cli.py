@@ -60,26 +60,46 @@ def db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample_patient_identifier(bundle: dict[str, Any]) -> str | None:
+    """Return ``system|value`` of the first identifier of the Patient in a sample transaction Bundle."""
+    for entry in bundle.get("entry", []):
+        resource = entry.get("resource", {})
+        if resource.get("resourceType") == "Patient" and resource.get("identifier"):
+            first = resource["identifier"][0]
+            return f"{first.get('system', '')}|{first['value']}"
+    return None
+
+
 def load_sample_data(args: argparse.Namespace) -> int:
-    """POST the bundled synthetic patients (transaction Bundles) to a FHIR server."""
+    """Load the bundled synthetic patients (transaction Bundles) into a FHIR server, once.
+
+    A Bundle whose Patient the server already holds (searched by identifier) is skipped, so a ``seed`` job
+    that runs at every ``docker compose up`` loads each patient only the first time.
+    """
     import httpx
 
+    base = args.fhir_base.rstrip("/")
     headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
     if args.token:
         headers["Authorization"] = f"Bearer {args.token}"
-    for bundle_path in sorted(SAMPLE_DATA.glob("*.json")):
-        response = httpx.post(
-            args.fhir_base.rstrip("/"), content=bundle_path.read_bytes(), headers=headers, timeout=60
-        )
-        if response.status_code >= 300:
-            print(f"{bundle_path.name}: FHIR server answered {response.status_code}", file=sys.stderr)
-            return 1
-        entries = response.json().get("entry", [])
-        patient = next(
-            (e["resource"]["id"] for e in entries if e.get("resource", {}).get("resourceType") == "Patient"),
-            "",
-        )
-        print(f"{bundle_path.name}: {len(entries)} resources loaded, Patient/{patient}")
+    with httpx.Client(headers=headers, timeout=60) as http:
+        for bundle_path in sorted(SAMPLE_DATA.glob("*.json")):
+            bundle = json.loads(bundle_path.read_bytes())
+            identifier = sample_patient_identifier(bundle)
+            if identifier:
+                found = http.get(f"{base}/Patient", params={"identifier": identifier})
+                if found.status_code == 200 and found.json().get("entry"):
+                    existing = found.json()["entry"][0]["resource"]["id"]
+                    print(f"{bundle_path.name}: already loaded, Patient/{existing}")
+                    continue
+            response = http.post(base, content=bundle_path.read_bytes())
+            if response.status_code >= 300:
+                print(f"{bundle_path.name}: FHIR server answered {response.status_code}", file=sys.stderr)
+                return 1
+            locations = [e.get("response", {}).get("location", "") for e in response.json().get("entry", [])]
+            patient = next((loc.split("/_history")[0] for loc in locations if "/Patient/" in loc), "")
+            patient_ref = "/".join(patient.split("/")[-2:])
+            print(f"{bundle_path.name}: {len(locations)} resources loaded, {patient_ref}")
     return 0
 
 

@@ -27,7 +27,6 @@ from support import FHIR_TOKEN
 from support import ISSUER
 from support import PG_ADMIN_URL
 from support import PUBLIC_URL
-from support import SAMPLE
 from support import FhirServer
 from support import Issuer
 from support import LiveServer
@@ -69,15 +68,16 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirServer
     )
     try:
         wait_for_http(f"{base}/metadata")
-        patients: dict[str, str] = {}
-        headers = {"Authorization": f"Bearer {FHIR_TOKEN}", "Content-Type": "application/fhir+json"}
-        for bundle in sorted(SAMPLE.glob("*.json")):
-            answer = httpx.post(base, content=bundle.read_bytes(), headers=headers, timeout=60)
-            answer.raise_for_status()
-            for entry in answer.json()["entry"]:
-                resource = entry.get("resource", {})
-                if resource.get("resourceType") == "Patient":
-                    patients[resource["name"][0]["family"]] = resource["id"]
+        # Loaded the way operators load it: the CLI (run twice: the second run must skip both patients).
+        command = [str(Path(sys.executable).parent / "medgemma-cds"), "load-sample-data", "--fhir-base", base]
+        command += ["--token", FHIR_TOKEN]
+        first = subprocess.run(command, capture_output=True, text=True, check=True)
+        second = subprocess.run(command, capture_output=True, text=True, check=True)
+        assert first.stdout.count("resources loaded") == 2, first.stdout
+        assert second.stdout.count("already loaded") == 2, second.stdout
+        listed = httpx.get(f"{base}/Patient", headers={"Authorization": f"Bearer {FHIR_TOKEN}"}).json()
+        patients = {e["resource"]["name"][0]["family"]: e["resource"]["id"] for e in listed["entry"]}
+        assert len(patients) == len(listed["entry"]) == 2
         yield FhirServer(base_url=base, token=FHIR_TOKEN, patients=patients)
     finally:
         process.terminate()
