@@ -33,6 +33,7 @@ from support import LiveServer
 from support import ModelWorker
 from support import claim_redis_db
 from support import free_port
+from support import leaks_in_log
 from support import model_env
 from support import service_env
 from support import wait_for_http
@@ -203,11 +204,11 @@ def live_server(
         MEDGEMMA_CDS_SECRET_KEY="test-review-link-secret",
         **model_env(tiny_model_dir),
     )
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port), "--workers", "2"],
         env=env,
-        stdout=log,
+        stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
     )
     try:
@@ -216,10 +217,15 @@ def live_server(
     finally:
         process.terminate()
         process.wait(timeout=15)
+    # Everything the end-to-end tests sent through the server: no token, name, id or identifier was logged.
+    leaks = leaks_in_log(log_path, fhir_server.secrets())
+    assert not leaks, f"the service logged {leaks} ({log_path})"
 
 
 @pytest.fixture(scope="session")
-def model_worker(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelWorker]:
+def model_worker(
+    live_server: LiveServer, fhir_server: FhirServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ModelWorker]:
     """Start a text worker and an image worker configured like the live server; stop them at the end."""
     log_dir = tmp_path_factory.mktemp("worker")
     processes = [
@@ -248,3 +254,6 @@ def model_worker(live_server: LiveServer, tmp_path_factory: pytest.TempPathFacto
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+    for log_path in log_dir.glob("*.log"):
+        leaks = leaks_in_log(log_path, fhir_server.secrets())
+        assert not leaks, f"a worker logged {leaks} ({log_path})"

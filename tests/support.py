@@ -60,6 +60,26 @@ class FhirServer:
         response.raise_for_status()
         return dict(response.json())
 
+    def secrets(self) -> dict[str, str]:
+        """Return what must never reach a log: the token, each sample patient's id, names and identifiers."""
+        secrets = {"FHIR access token": self.token}
+        for patient_id in self.patients.values():
+            secrets[f"patient id {patient_id}"] = patient_id
+            patient = self.get(f"Patient/{patient_id}")
+            for name in patient.get("name", []):
+                for part in [name.get("family"), *name.get("given", [])]:
+                    if part:
+                        secrets[f"patient name {part}"] = part
+            for identifier in patient.get("identifier", []):
+                secrets[f"patient identifier {identifier['value']}"] = identifier["value"]
+        return secrets
+
+
+def leaks_in_log(path: Path, secrets: dict[str, str]) -> list[str]:
+    """Return the labels of the secrets that appear in a process's log file."""
+    text = path.read_text(errors="replace")
+    return [label for label, value in secrets.items() if value in text]
+
 
 @dataclass(frozen=True)
 class Issuer:

@@ -37,15 +37,8 @@ def record_text(record: logging.LogRecord) -> str:
 
 
 def patient_secrets(fhir_server: FhirServer) -> dict[str, str]:
-    """Return every sample patient's id and given and family names, each labelled for failure messages."""
-    secrets: dict[str, str] = {}
-    for patient_id in fhir_server.patients.values():
-        secrets[f"patient id {patient_id}"] = patient_id
-        for name in fhir_server.get(f"Patient/{patient_id}").get("name", []):
-            for part in [name.get("family"), *name.get("given", [])]:
-                if part:
-                    secrets[f"patient name {part}"] = part
-    return secrets
+    """Return every sample patient's id, names and identifiers, each labelled for failure messages."""
+    return {label: value for label, value in fhir_server.secrets().items() if label.startswith("patient")}
 
 
 def fhir_access(fhir_server: FhirServer, token: str) -> dict[str, Any]:

@@ -57,12 +57,26 @@ def test_full_prefetch_gives_rule_card_and_running_ai_card(
     assert len(card["uuid"]) == 36
 
 
-def test_no_prefetch_reads_fhir_server_with_bearer_token(client, issuer, fhir_server, hook_body) -> None:
+def test_no_prefetch_reads_fhir_server_with_bearer_token(
+    client, issuer, fhir_server, hook_body, redis_client
+) -> None:
     patient_id = fhir_server.patients["Trantow"]
     body = hook_body("patient-view", patient_id, **fhir_access(fhir_server))
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))
     assert response.status_code == 200, response.json
     assert response.json["cards"][0]["summary"] == "1 active problem, 3 active medications, 3 allergies"
+    # The token was used for the reads only: not in the model job, the Celery message or any other key.
+    for key in redis_client.scan_iter():
+        kind = redis_client.type(key)
+        if kind == b"string":
+            values = [redis_client.get(key) or b""]
+        elif kind == b"hash":
+            values = list(redis_client.hgetall(key).values())
+        elif kind == b"list":
+            values = redis_client.lrange(key, 0, -1)
+        else:
+            values = []
+        assert all(fhir_server.token.encode() not in value for value in values), key
 
 
 def test_partial_prefetch_fetches_only_missing_keys(client, issuer, fhir_server, hook_body) -> None:
