@@ -18,6 +18,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode
 from pydantic.json_schema import models_json_schema
 
+from cds_service.drafts_api import DraftView
+from cds_service.drafts_api import RejectRequest
+from cds_service.drafts_api import SignRequest
 from cds_service.wire import HOOK_CONTEXTS
 from cds_service.wire import DiscoveryResponse
 from cds_service.wire import FeedbackRequest
@@ -40,6 +43,9 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (HookResponse, "serialization"),
     (DiscoveryResponse, "serialization"),
     (JobRecord, "serialization"),
+    (SignRequest, "validation"),
+    (RejectRequest, "validation"),
+    (DraftView, "serialization"),
 ]
 
 _ERROR = {
@@ -142,12 +148,16 @@ _ERROR_RESPONSES: dict[int, tuple[str, str]] = {
         "Malformed JSON, a field that fails validation, or a fhirServer refused by the guard.",
     ),
     401: ("Unauthorized", "Missing or invalid JWT (any reason; the reason is only logged)."),
-    404: ("NotFound", "No such service or job."),
+    404: ("NotFound", "No such service, job or draft."),
+    409: ("Conflict", "The draft's state forbids it (signing a rejected draft, a deleted patient)."),
     412: ("PrefetchFailed", "Data the service needs was neither prefetched nor readable from fhirServer."),
     413: ("PayloadTooLarge", "Body larger than the configured limit."),
     415: ("UnsupportedMediaType", "Body is not JSON."),
     500: ("InternalError", "Unexpected failure; the body carries a request id, the log the details."),
-    502: ("FhirServerError", "fhirServer answered with an error or invalid FHIR."),
+    502: (
+        "FhirServerError",
+        "A FHIR server (fhirServer or write-back) answered with an error or invalid FHIR.",
+    ),
     503: ("Unavailable", "A dependency (e.g. the JWT replay store) is down."),
     504: ("FhirServerTimeout", "fhirServer did not answer in time."),
 }
@@ -287,22 +297,16 @@ def build_document(app: Flask) -> dict[str, Any]:
             }
         },
     }
-    # The job endpoint belongs to the model-job feature; describe it only where this app serves it.
-    if any(rule.rule == "/jobs/<job_id>" for rule in app.url_map.iter_rules()):
-        paths["/jobs/{job_id}"] = {
-            "get": {
-                "operationId": "jobStatus",
-                "summary": "A model job's state, timestamps and, when done, its result.",
-                "security": jwt,
-                "parameters": [
-                    {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
-                ],
-                "responses": {
-                    "200": _response("The job.", refs["JobRecord"]),
-                    **_errors(401, 404, 500, 503),
-                },
-            }
+    paths["/jobs/{job_id}"] = {
+        "get": {
+            "operationId": "jobStatus",
+            "summary": "A model job's state, timestamps and, when done, its result.",
+            "security": jwt,
+            "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _response("The job.", refs["JobRecord"]), **_errors(401, 404, 500, 503)},
         }
+    }
+    paths.update(draft_paths(refs, jwt))
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -333,6 +337,81 @@ def build_document(app: Flask) -> dict[str, Any]:
                     ),
                 }
             },
+        },
+    }
+
+
+def draft_paths(refs: dict[str, dict[str, Any]], jwt: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """Return the draft endpoints: the worklist and JSON sign-off (JWT), and the review page (signed link)."""
+    draft_id = {"name": "draft_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    access = {
+        "name": "access",
+        "in": "query",
+        "required": True,
+        "description": "The signed, expiring review link token from the card's SMART link.",
+        "schema": {"type": "string"},
+    }
+    draft_list = {"type": "object", "properties": {"drafts": {"type": "array", "items": refs["DraftView"]}}}
+
+    def decision(operation: str, summary: str, body: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "operationId": operation,
+                "summary": summary,
+                "description": "The review page posts the same fields as a form with its ``access`` token.",
+                "security": jwt,
+                "parameters": [draft_id],
+                "requestBody": {"required": True, "content": _json(refs[body])},
+                "responses": {
+                    "200": _response("The draft after the decision.", refs["DraftView"]),
+                    **_errors(400, 401, 404, 409, 415, 500, 502),
+                },
+            }
+        }
+
+    return {
+        "/drafts": {
+            "get": {
+                "operationId": "listDrafts",
+                "summary": "Worklist of AI report drafts, filtered by patient and status (e.g. draft).",
+                "security": jwt,
+                "parameters": [
+                    {"name": "patient", "in": "query", "schema": {"type": "string"}},
+                    {"name": "status", "in": "query", "schema": {"enum": ["draft", "signed", "rejected"]}},
+                ],
+                "responses": {"200": _response("Drafts, newest first.", draft_list), **_errors(401, 500)},
+            }
+        },
+        "/drafts/{draft_id}": {
+            "get": {
+                "operationId": "getDraft",
+                "summary": "One draft: the AI text and, once decided, the signed text or the reason.",
+                "security": jwt,
+                "parameters": [draft_id],
+                "responses": {"200": _response("The draft.", refs["DraftView"]), **_errors(401, 404, 500)},
+            }
+        },
+        "/drafts/{draft_id}/sign": decision(
+            "signDraft",
+            "Sign: the report becomes final with the clinician's text, written back once.",
+            "SignRequest",
+        ),
+        "/drafts/{draft_id}/reject": decision(
+            "rejectDraft", "Reject with a reason; nothing is written to the record.", "RejectRequest"
+        ),
+        "/drafts/{draft_id}/review": {
+            "get": {
+                "operationId": "reviewPage",
+                "summary": "The clinician's review page (HTML), opened from the card's SMART link.",
+                "parameters": [draft_id, access],
+                "responses": {
+                    "200": {
+                        "description": "The page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(401, 404),
+                },
+            }
         },
     }
 

@@ -161,12 +161,17 @@ def test_document_names_the_operations_and_registered_services(app: Flask, docum
     assert {"patient-summary", "order-review"} <= set(service_id["schema"]["enum"])
 
 
-def test_hook_feedback_and_jobs_require_the_jwt_and_discovery_does_not(document: dict[str, Any]) -> None:
+def test_hook_feedback_jobs_and_drafts_require_the_jwt_and_discovery_does_not(
+    document: dict[str, Any],
+) -> None:
     scheme = document["components"]["securitySchemes"]["cdsHooksJwt"]
     assert scheme == scheme | {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     for path, item in document["paths"].items():
         for method, operation in item.items():
-            protected = path.startswith("/cds-services/") or path.startswith("/jobs/")
+            # The review page is reached by its signed link, not a JWT (a clinician's browser has none).
+            protected = path.startswith(("/cds-services/", "/jobs/", "/drafts")) and not path.endswith(
+                "/review"
+            )
             assert (operation.get("security") == [{"cdsHooksJwt": []}]) is protected, (method, path)
 
 
