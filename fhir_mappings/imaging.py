@@ -87,8 +87,13 @@ def unreadable_image_card(source: ImageSource, reason: str) -> Card:
     )
 
 
-def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: DraftRef) -> Card:
-    """Return the card offering the AI draft report: a create suggestion and a SMART link to review it."""
+def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: DraftRef) -> Card | None:
+    """Return the card offering the AI draft report (a create suggestion and a SMART link to review it).
+
+    None once a clinician has signed or rejected the draft: it is no longer on offer.
+    """
+    if draft.status != "draft":
+        return None
     return Card(
         summary=f"AI draft imaging report ready for review ({output.urgency})"[:139],
         detail="\n\n".join(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from cds_service.registry import Prefetch
 from cds_service.registry import service
+from cds_service.wire import Card
 from cds_service.wire import HookCall
 from cds_service.wire import HookResponse
+from cds_service.wire import JobRecord
 from fhir_mappings.ai_cards import job_cards
 from fhir_mappings.images import ImageRejected
 from fhir_mappings.imaging import describe_source
@@ -45,16 +47,11 @@ def imaging_report_draft(call: HookCall) -> HookResponse:
         return HookResponse(cards=cards + [unreadable_image_card(source, str(rejected))])
     evidence = [ref for ref in (source.resource, source.study) if ref]
     job = call.jobs.request(
-        "imaging-read",
-        "image",
-        SYSTEM_PROMPT,
-        imaging_prompt(describe_source(source, p["studies"])),
-        evidence=evidence,
-        input_hashes=[image.content_hash],
-        images_b64=[image.png_b64],
-    )
+        "imaging-read", "image", SYSTEM_PROMPT, imaging_prompt(describe_source(source, p["studies"])),
+        evidence=evidence, input_hashes=[image.content_hash], images_b64=[image.png_b64],
+    )  # fmt: skip
 
-    def draft_card(finished):  # noqa: ANN001, ANN202 - local callback
+    def draft_card(finished: JobRecord) -> Card | None:
         output = ImagingReadOutput.model_validate(finished.result)
         draft = drafts.record(finished, image, source.study, source.resource, evidence)
         return imaging_draft_card(output, finished, draft)

@@ -1,7 +1,4 @@
-"""order-review: do the medications being ordered conflict with the patient's allergies or current drugs?
-
-Rule cards answer at once; MedGemma's review of the same orders joins them when ready. Rules win.
-"""
+"""order-review: do drafted medications clash with allergies or current drugs? AI review joins; rules win."""
 
 from __future__ import annotations
 
@@ -9,8 +6,10 @@ from datetime import date
 
 from cds_service.registry import Prefetch
 from cds_service.registry import service
+from cds_service.wire import Card
 from cds_service.wire import HookCall
 from cds_service.wire import HookResponse
+from cds_service.wire import JobRecord
 from cds_service.wire import OrderSelectContext
 from fhir_mappings.ai_cards import job_cards
 from fhir_mappings.model_outputs import OrderReviewOutput
@@ -55,9 +54,8 @@ def order_review(call: HookCall) -> HookResponse:
     )  # fmt: skip
     flagged = {a.resource_id for c in cards for s in c.suggestions for a in s.actions if a.resource_id}
 
-    def done(finished):  # noqa: ANN001, ANN202 - local callback
-        return order_review_card(
-            OrderReviewOutput.model_validate(finished.result), finished, selected, flagged
-        )
+    def done(finished: JobRecord) -> Card | None:
+        output = OrderReviewOutput.model_validate(finished.result)
+        return order_review_card(output, finished, selected, flagged)
 
     return HookResponse(cards=cards + job_cards(job, "Order review", call.jobs.job_url, done))

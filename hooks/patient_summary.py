@@ -42,22 +42,12 @@ def patient_summary(call: HookCall) -> HookResponse:
     if call.jobs is None or p["patient"] is None:
         return HookResponse(cards=cards)
     record = record_context(
-        p["patient"],
-        p["conditions"],
-        p["medications"],
-        p["allergies"],
-        p["observations"],
-        token_budget=CONTEXT_TOKENS,
-        today=date.today(),
-        content_hashes=call.content_hashes,
-    )
+        p["patient"], p["conditions"], p["medications"], p["allergies"], p["observations"],
+        token_budget=CONTEXT_TOKENS, today=date.today(), content_hashes=call.content_hashes,
+    )  # fmt: skip
     job = call.jobs.request(
-        "patient-summary",
-        "text",
-        SYSTEM_PROMPT,
-        summary_prompt(record.text),
-        evidence=record.evidence,
-        input_hashes=record.input_hashes,
-    )
+        "patient-summary", "text", SYSTEM_PROMPT, summary_prompt(record.text),
+        evidence=record.evidence, input_hashes=record.input_hashes,
+    )  # fmt: skip
     ai_cards = summary_job_cards(job, record.evidence, call.request.fhir_server, call.jobs.job_url)
     return HookResponse(cards=cards + ai_cards)

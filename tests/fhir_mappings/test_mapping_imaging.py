@@ -253,3 +253,9 @@ def test_imaging_draft_card(urgency: str, indicator: str) -> None:
     (link,) = body["links"]
     assert (link["type"], link["url"]) == ("smart", review_url)
     assert json.loads(link["appContext"]) == {"draftId": draft_id}
+
+
+@pytest.mark.parametrize("status", ["signed", "rejected"])
+def test_decided_draft_is_no_longer_offered(status: str) -> None:
+    draft = DraftRef(id="d1", status=status, report={"resourceType": "DiagnosticReport"}, review_url="https://x/y")
+    assert imaging_draft_card(READ, _job(), draft) is None
