@@ -26,6 +26,7 @@ from cds_service.metrics import count_feedback
 from cds_service.metrics import count_job_lookup
 from cds_service.metrics import observe_prefetch
 from cds_service.registry import ServiceDefinition
+from cds_service.signed_links import link_grants
 from cds_service.wire import DiscoveryResponse
 from cds_service.wire import FeedbackRequest
 
@@ -148,8 +149,12 @@ def feedback(service_id: str) -> Response:
 
 @bp.get("/jobs/<job_id>")
 def job_status(job_id: str) -> Response:
-    """A model job's state (queued | running | done | failed), timestamps and, when done, its result."""
-    authenticate(f"/jobs/{job_id}")
+    """A model job's state (queued | running | done | failed), timestamps and, when done, its result.
+
+    Open to an EHR's JWT, or to the signed link a card carries (a clinician's browser has no JWT).
+    """
+    if not link_grants(services().settings, "job-status", job_id, request.args.get("access")):
+        authenticate(f"/jobs/{job_id}")
     record = services().jobs.get(job_id) if job_id.isalnum() and len(job_id) <= 64 else None
     if record is None:
         raise NotFound("no such job (it may have expired)")

@@ -10,8 +10,6 @@ from flask import current_app
 from flask import jsonify
 from flask import render_template
 from flask import request
-from itsdangerous import BadSignature
-from itsdangerous import SignatureExpired
 from pydantic import BaseModel
 from pydantic import Field
 
@@ -19,8 +17,8 @@ from cds_service.api import authenticate
 from cds_service.api import read_json_body
 from cds_service.api import services
 from cds_service.errors import Unauthorized
-from cds_service.hook_io import review_link_serializer
 from cds_service.invoke import validate
+from cds_service.signed_links import link_grants
 from cds_service.store import Draft
 from cds_service.wire import WireModel
 
@@ -90,12 +88,7 @@ class RejectRequest(WireModel):
 
 def check_review_access(draft_id: str, access: str | None) -> None:
     """Accept a signed, unexpired review link for exactly this draft; 401 otherwise."""
-    settings = services().settings
-    try:
-        signed_id = review_link_serializer(settings).loads(access or "", max_age=settings.review_link_ttl_s)
-    except (BadSignature, SignatureExpired):
-        raise Unauthorized("Unauthorized") from None
-    if signed_id != draft_id:
+    if not link_grants(services().settings, "draft-review", draft_id, access):
         raise Unauthorized("Unauthorized")
 
 

@@ -7,13 +7,12 @@ import binascii
 from collections.abc import Callable
 from urllib.parse import urljoin
 
-from itsdangerous import URLSafeTimedSerializer
-
 from cds_service.drafts import DraftService
 from cds_service.errors import BadRequest
 from cds_service.fhir_client import FhirReader
 from cds_service.fhir_client import FhirReadError
 from cds_service.settings import Settings
+from cds_service.signed_links import sign_link
 from cds_service.wire import DraftRef
 from cds_service.wire import JobRecord
 from cds_service.wire import LoadedImage
@@ -26,11 +25,6 @@ from fhir_mappings.model_outputs import ImagingReadOutput
 
 # MedGemma's SigLIP encoder reads 896 x 896; sending that size keeps the job small and the read faithful.
 MODEL_IMAGE_SIZE = 896
-
-
-def review_link_serializer(settings: Settings) -> URLSafeTimedSerializer:
-    """Return the signer of review-page links (a link is the clinician's access to one draft)."""
-    return URLSafeTimedSerializer(settings.secret_key.get_secret_value(), salt="draft-review")
 
 
 class RecordImages:
@@ -101,7 +95,7 @@ class StoreDraftRecorder:
             evidence=evidence,
             input_hashes=[image.content_hash],
         )
-        token = review_link_serializer(self.settings).dumps(draft.id)
+        token = sign_link(self.settings, "draft-review", draft.id)
         base = self.settings.public_url.rstrip("/")
         review_url = urljoin(base + "/", f"drafts/{draft.id}/review?access={token}")
         return DraftRef(id=draft.id, status=draft.status, report=draft.draft_report, review_url=review_url)

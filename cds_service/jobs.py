@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from cds_service.settings import Settings
+from cds_service.signed_links import sign_link
 from cds_service.wire import JobRecord
 from cds_service.wire import ModelJobRequest
 from cds_service.wire import ModelRole
@@ -212,5 +213,6 @@ class JobQueue:
             return None
 
     def job_url(self, job_id: str) -> str:
-        """Return the public URL of a job's status."""
-        return f"{self._settings.public_url.rstrip('/')}/jobs/{job_id}"
+        """Return the public URL of a job's status, signed so a clinician's browser can open it."""
+        token = sign_link(self._settings, "job-status", job_id)
+        return f"{self._settings.public_url.rstrip('/')}/jobs/{job_id}?access={token}"

@@ -302,7 +302,11 @@ def build_document(app: Flask) -> dict[str, Any]:
             "operationId": "jobStatus",
             "summary": "A model job's state, timestamps and, when done, its result.",
             "security": jwt,
-            "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "description": "Takes the EHR's JWT, or instead the signed ``access`` link a card carries.",
+            "parameters": [
+                {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "access", "in": "query", "required": False, "schema": {"type": "string"}},
+            ],
             "responses": {"200": _response("The job.", refs["JobRecord"]), **_errors(401, 404, 500, 503)},
         }
     }

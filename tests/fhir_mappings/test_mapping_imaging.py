@@ -257,5 +257,7 @@ def test_imaging_draft_card(urgency: str, indicator: str) -> None:
 
 @pytest.mark.parametrize("status", ["signed", "rejected"])
 def test_decided_draft_is_no_longer_offered(status: str) -> None:
-    draft = DraftRef(id="d1", status=status, report={"resourceType": "DiagnosticReport"}, review_url="https://x/y")
+    draft = DraftRef(
+        id="d1", status=status, report={"resourceType": "DiagnosticReport"}, review_url="https://x/y"
+    )
     assert imaging_draft_card(READ, _job(), draft) is None

@@ -63,7 +63,7 @@ def summary_body(fhir: FhirServer, hook_body, family: str, note: str = "") -> di
 
 
 def job_id_of(card: dict[str, Any]) -> str:
-    return str(card["links"][0]["url"].rsplit("/", 1)[1])
+    return str(card["links"][0]["url"].split("/jobs/")[1].split("?")[0])
 
 
 def test_model_card_arrives_on_reinvocation(
@@ -75,6 +75,12 @@ def test_model_card_arrives_on_reinvocation(
     assert first.status_code == 200
     rules, pending = first.json()["cards"]
     assert pending["summary"] == "Pre-visit summary: AI analysis is running"
+    # The card's status link opens in a clinician's browser: signed for this job, no JWT needed.
+    status_link = pending["links"][0]["url"]
+    assert httpx.get(status_link).json()["id"] == job_id_of(pending)
+    assert httpx.get(status_link.split("?")[0]).status_code == 401
+    other_job = status_link.replace(job_id_of(pending), "0" * 40)
+    assert httpx.get(other_job).status_code == 401
     record = wait_for_job(live_server, issuer, job_id_of(pending), {"done", "failed"})
     assert record["state"] == "done", record.get("error")
     assert record["attempts"] == 1
