@@ -22,7 +22,6 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc.jwk import ECKey
-from support import CLAIM_KEY
 from support import FHIR_TOKEN
 from support import ISSUER
 from support import PG_ADMIN_URL
@@ -31,7 +30,7 @@ from support import FhirServer
 from support import Issuer
 from support import LiveServer
 from support import ModelWorker
-from support import claim_redis_db
+from support import claimed_redis_db
 from support import free_port
 from support import leaks_in_log
 from support import model_env
@@ -103,11 +102,8 @@ def database_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A Redis database of this run's own, emptied at the start and released at the end."""
-    url = claim_redis_db()
-    yield url
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.delete(CLAIM_KEY)
+    with claimed_redis_db() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

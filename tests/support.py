@@ -7,6 +7,8 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,20 @@ class LiveServer:
 
     url: str
     env: dict[str, str]
+
+
+@contextmanager
+def claimed_redis_db() -> Iterator[str]:
+    """Claim a Redis database for the block (see ``claim_redis_db``), then empty and release it."""
+    import redis
+
+    url = claim_redis_db()
+    try:
+        yield url
+    finally:
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        client.delete(CLAIM_KEY)
 
 
 def claim_redis_db() -> str:

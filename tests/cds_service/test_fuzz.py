@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
-import redis
 import schemathesis
 from flask import Flask
 from flask.testing import FlaskClient
@@ -27,10 +26,9 @@ from schemathesis.specs.openapi.checks import content_type_conformance
 from schemathesis.specs.openapi.checks import response_headers_conformance
 from schemathesis.specs.openapi.checks import response_schema_conformance
 from schemathesis.specs.openapi.checks import status_code_conformance
-from support import CLAIM_KEY
 from support import PUBLIC_URL
 from support import Issuer
-from support import claim_redis_db
+from support import claimed_redis_db
 
 from cds_service.app import create_app
 from cds_service.settings import Settings
@@ -64,11 +62,8 @@ SERVICES = ["/cds-services/patient-summary", "/cds-services/order-review"]
 @pytest.fixture(scope="module")
 def fuzz_redis_url() -> Iterator[str]:
     """A Redis database of the fuzzing app's own, so no test worker picks up the model jobs it enqueues."""
-    url = claim_redis_db()
-    yield url
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.delete(CLAIM_KEY)
+    with claimed_redis_db() as url:
+        yield url
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
-from support import CLAIM_KEY
 from support import ROOT
 from support import Issuer
-from support import claim_redis_db
+from support import claimed_redis_db
 from support import free_port
 
 from cds_service.app import create_app
@@ -36,11 +35,8 @@ HOOK_ROUTE = "/cds-services/<service_id>"
 @pytest.fixture
 def own_redis_url() -> Iterator[str]:
     """A Redis database of this test alone, so no model worker of the run drains its queues."""
-    url = claim_redis_db()
-    yield url
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.delete(CLAIM_KEY)
+    with claimed_redis_db() as url:
+        yield url
 
 
 @pytest.fixture
