@@ -352,6 +352,7 @@ def sequential_ms(call: Callable[[], Any], count: int) -> list[float]:
 def prefetch_fill(fhir_base: str, patient_id: str, rounds: int) -> tuple[float, float]:
     """Return median ms to fill patient-summary's prefetch via the proxy: concurrently, then one by one."""
     from cds_service.fhir_client import FhirReader
+    from cds_service.prefetch import ParsedPrefetchCache
     from cds_service.prefetch import resolve_prefetch
     from cds_service.registry import load_registry
     from cds_service.wire import PatientViewContext
@@ -370,7 +371,10 @@ def prefetch_fill(fhir_base: str, patient_id: str, rounds: int) -> tuple[float, 
         for executor in (concurrent, one):
 
             def fill(executor: ThreadPoolExecutor = executor) -> dict[str, Any]:
-                return resolve_prefetch(definition.prefetch, {}, context, reader, executor).resources
+                # No parse cache: each fill reads and validates the five keys again.
+                return resolve_prefetch(
+                    definition.prefetch, {}, context, reader, executor, ParsedPrefetchCache(0)
+                ).resources
 
             resolved = fill()
             assert resolved["patient"] is not None and resolved["conditions"] is not None

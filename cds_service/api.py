@@ -101,6 +101,7 @@ def call_service(service_id: str) -> Response:
             settings=deps.settings,
             http=deps.http,
             executor=deps.executor,
+            cache=deps.prefetch_cache,
             jobs=jobs,
             drafts=deps.drafts,
             on_fetch=observe_prefetch,

@@ -22,6 +22,7 @@ from cds_service.jobs import TASK_NAME
 from cds_service.jobs import JobStore
 from cds_service.logging import configure_logging
 from cds_service.metrics import init_metrics
+from cds_service.prefetch import ParsedPrefetchCache
 from cds_service.registry import Registry
 from cds_service.registry import load_registry
 from cds_service.settings import Settings
@@ -58,6 +59,7 @@ class Services:
     redis: redis.Redis
     http: httpx.Client
     executor: ThreadPoolExecutor
+    prefetch_cache: ParsedPrefetchCache
     verifier: JwtVerifier | AuthDisabled | NoTrustedIssuers
     jobs: JobStore
     drafts: DraftService
@@ -107,6 +109,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         redis=redis_client,
         http=http,
         executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="prefetch"),
+        prefetch_cache=ParsedPrefetchCache(settings.prefetch_cache_entries),
         verifier=build_verifier(settings, redis_client),
         jobs=JobStore(redis_client, settings.result_ttl_s),
         drafts=DraftService(store, settings, http),

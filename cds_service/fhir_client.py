@@ -65,8 +65,8 @@ class FhirReader:
         self._allowlist = allowlist
         self._allow_http_loopback = allow_http_loopback
 
-    def read(self, relative_url: str) -> tuple[dict[str, Any], Any, float]:
-        """GET ``relative_url`` under the base; return its JSON, the parsed resource and the seconds taken."""
+    def read(self, relative_url: str) -> tuple[dict[str, Any], float]:
+        """GET ``relative_url`` under the base; return its JSON (the caller parses it) and the seconds."""
         url = urljoin(self._base, relative_url.lstrip("/"))
         headers = {"Accept": "application/fhir+json"}
         if self._token:
@@ -82,9 +82,11 @@ class FhirReader:
             raise FhirReadError("invalid", "FHIR server response is too large")
         try:
             data = response.json()
-            return data, parse_resource(data), elapsed
-        except ValueError as exc:
-            raise FhirReadError("invalid", f"FHIR server sent invalid FHIR: {exc}") from None
+        except ValueError:
+            raise FhirReadError("invalid", "FHIR server sent invalid JSON") from None
+        if not isinstance(data, dict):
+            raise FhirReadError("invalid", "FHIR server sent JSON that is not a resource")
+        return data, elapsed
 
     def read_bytes(self, url: str, *, max_bytes: int) -> bytes:
         """GET an attachment URL (relative to the base, or absolute and allowlisted); return its bytes.

@@ -14,6 +14,7 @@ from cds_service.fhir_client import FhirReader
 from cds_service.fhir_client import parse_resource
 from cds_service.hook_io import RecordImages
 from cds_service.hook_io import StoreDraftRecorder
+from cds_service.prefetch import ParsedPrefetchCache
 from cds_service.prefetch import resolve_prefetch
 from cds_service.registry import ServiceDefinition
 from cds_service.settings import Settings
@@ -91,6 +92,7 @@ def run_service(
     settings: Settings,
     http: Any,
     executor: Any,
+    cache: ParsedPrefetchCache,
     jobs: Any | None = None,
     drafts: DraftService | None = None,
     on_fetch: Any = lambda seconds: None,
@@ -117,6 +119,7 @@ def run_service(
         context,
         open_reader if fhir_server else None,
         executor,
+        cache,
         on_fetch,
     )
     call = HookCall(

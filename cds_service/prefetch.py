@@ -6,7 +6,11 @@ A key the EHR sent is used as sent (``null`` = "no data", never refetched); a ke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -70,18 +74,50 @@ def answer_type(query: str) -> str | None:
     return segments[0] if len(segments) == 2 else None
 
 
-def parse_sent_prefetch(key: str, data: dict[str, Any] | None, expected_type: str | None = None) -> Any:
-    """Return the fhir.resources object for a prefetch value the EHR sent; 400 naming the key if it's bad."""
+class ParsedPrefetchCache:
+    """Parsed prefetch values by the digest of their JSON, least recently used dropped first.
+
+    An EHR sends the same chart to each service of a hook and again at every chart open; validating it with
+    fhir.resources is most of a hook's CPU. Digesting the JSON is a tenth of that. Handlers only read the
+    resources, so one parsed object can serve every call that sent the same JSON.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[Any, dict[str, str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def parse(self, data: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+        """Return the parsed resource and its content hashes; ValueError when it is not valid FHIR."""
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        with self._lock:
+            if digest in self._entries:
+                self._entries.move_to_end(digest)
+                return self._entries[digest]
+        parsed = (parse_resource(data), raw_content_hashes(data))
+        if self.max_entries > 0:
+            with self._lock:
+                self._entries[digest] = parsed
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        return parsed
+
+
+def parse_sent_prefetch(
+    key: str, data: dict[str, Any] | None, cache: ParsedPrefetchCache, expected_type: str | None = None
+) -> tuple[Any, dict[str, str]]:
+    """Return the parsed prefetch value the EHR sent and its content hashes; 400 naming a bad key."""
     if data is None:
-        return None
+        return None, {}
     try:
-        resource = parse_resource(data)
+        resource, hashes = cache.parse(data)
     except ValueError as exc:
         raise BadRequest(f"prefetch '{key}' is not valid FHIR R4: {exc}") from None
     # Handlers read a key as the type its query answers with; a valid resource of another type crashes them.
     if expected_type is not None and data["resourceType"] != expected_type:
         raise BadRequest(f"prefetch '{key}' must be a {expected_type}, not a {data['resourceType']}")
-    return resource
+    return resource, hashes
 
 
 @dataclass(frozen=True)
@@ -98,17 +134,18 @@ def resolve_prefetch(
     context: HookContext,
     open_reader: Callable[[], FhirReader] | None,
     executor: Executor,
+    cache: ParsedPrefetchCache,
     on_fetch: Callable[[float], None] = lambda seconds: None,
 ) -> Prefetched:
     """Return every declared key resolved to a resource or None, fetching the missing ones concurrently."""
-    resolved: dict[str, Any] = {
-        key: parse_sent_prefetch(key, sent[key], answer_type(prefetch.query))
-        for key, prefetch in declared.items()
-        if key in sent
-    }
+    resolved: dict[str, Any] = {}
     hashes: dict[str, str] = {}
-    for key in resolved:
-        hashes.update(raw_content_hashes(sent[key] or {}))
+    for key, prefetch in declared.items():
+        if key in sent:
+            resolved[key], key_hashes = parse_sent_prefetch(
+                key, sent[key], cache, answer_type(prefetch.query)
+            )
+            hashes.update(key_hashes)
     values = token_values(context)
     to_fetch: dict[str, str] = {}
     for key, prefetch in declared.items():
@@ -131,13 +168,17 @@ def resolve_prefetch(
     failures: list[tuple[str, FhirReadError]] = []
     for key, future in futures.items():
         try:
-            data, resource, seconds = future.result()
+            data, seconds = future.result()
             on_fetch(seconds)
+            try:
+                resource, key_hashes = cache.parse(data)
+            except ValueError as exc:
+                raise FhirReadError("invalid", f"FHIR server sent invalid FHIR: {exc}") from None
             expected_type = answer_type(declared[key].query)
             if expected_type is not None and resource.get_resource_type() != expected_type:
                 raise FhirReadError("invalid", f"FHIR server answered a {resource.get_resource_type()}")
             resolved[key] = resource
-            hashes.update(raw_content_hashes(data))
+            hashes.update(key_hashes)
         except FhirReadError as exc:
             if declared[key].failure_mode == "omit":
                 resolved[key] = None

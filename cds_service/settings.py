@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(default=24 * 3600, ge=60)
     fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
     fhir_connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    prefetch_cache_entries: int = Field(
+        default=128, ge=0, description="Parsed prefetch values kept per process (0: parse every call)."
+    )
 
     # Security
     auth_disabled: bool = False
