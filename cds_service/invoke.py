@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 from typing import TypeVar
 
+import httpx
 from pydantic import BaseModel
 from pydantic import ValidationError
 
@@ -22,6 +25,7 @@ from cds_service.wire import HOOK_CONTEXTS
 from cds_service.wire import HookCall
 from cds_service.wire import HookRequest
 from cds_service.wire import HookResponse
+from cds_service.wire import ModelJobs
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -90,12 +94,12 @@ def run_service(
     body: Any,
     *,
     settings: Settings,
-    http: Any,
-    executor: Any,
+    http: httpx.Client,
+    executor: Executor,
     cache: ParsedPrefetchCache,
-    jobs: Any | None = None,
+    jobs: ModelJobs | None = None,
     drafts: DraftService | None = None,
-    on_fetch: Any = lambda seconds: None,
+    on_fetch: Callable[[float], None] = lambda seconds: None,
 ) -> tuple[HookCall, HookResponse]:
     """Run one hook call end to end (after auth) and return the call and the handler's response."""
     hook_request, context, draft_orders = parse_hook_call(definition, body, settings)

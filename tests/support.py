@@ -77,6 +77,18 @@ class FhirServer:
         return secrets
 
 
+def fhir_access(base_url: str, token: str) -> dict[str, Any]:
+    """Return the ``fhirServer`` and ``fhirAuthorization`` fields of a hook body (§FHIR Resource Access)."""
+    authorization = {
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/*.read",
+        "subject": "cds-service",
+    }
+    return {"fhirServer": base_url, "fhirAuthorization": authorization}
+
+
 def leaks_in_log(path: Path, secrets: dict[str, str]) -> list[str]:
     """Return the labels of the secrets that appear in a process's log file."""
     text = path.read_text(errors="replace")

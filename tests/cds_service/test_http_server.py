@@ -6,6 +6,7 @@ import httpx
 from support import FhirServer
 from support import Issuer
 from support import LiveServer
+from support import fhir_access
 
 
 def test_discovery_over_http_with_cors(live_server: LiveServer) -> None:
@@ -25,14 +26,7 @@ def test_patient_view_over_http_reads_fhir_server(
     body = hook_body(
         "patient-view",
         fhir_server.patients["Trantow"],
-        fhirServer=fhir_server.base_url,
-        fhirAuthorization={
-            "access_token": fhir_server.token,
-            "token_type": "Bearer",
-            "expires_in": 300,
-            "scope": "patient/*.read",
-            "subject": "cds-service",
-        },
+        **fhir_access(fhir_server.base_url, fhir_server.token),
     )
     token = issuer.token(live_server.url + path)
     response = httpx.post(live_server.url + path, json=body, headers={"Authorization": f"Bearer {token}"})

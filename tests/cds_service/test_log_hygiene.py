@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 from support import PUBLIC_URL
 from support import FhirServer
 from support import Issuer
+from support import fhir_access
 
 from cds_service.logging import JsonFormatter
 
@@ -39,18 +40,6 @@ def record_text(record: logging.LogRecord) -> str:
 def patient_secrets(fhir_server: FhirServer) -> dict[str, str]:
     """Return every sample patient's id, names and identifiers, each labelled for failure messages."""
     return {label: value for label, value in fhir_server.secrets().items() if label.startswith("patient")}
-
-
-def fhir_access(fhir_server: FhirServer, token: str) -> dict[str, Any]:
-    """Return the fhirServer and fhirAuthorization fields of a hook body."""
-    authorization = {
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": 300,
-        "scope": "patient/*.read",
-        "subject": "cds-service",
-    }
-    return {"fhirServer": fhir_server.base_url, "fhirAuthorization": authorization}
 
 
 def test_hook_calls_log_no_token_jwt_name_or_patient_id(
@@ -86,11 +75,11 @@ def test_hook_calls_log_no_token_jwt_name_or_patient_id(
 
     full = hook_body("patient-view", trantow, prefetch=prefetch)
     statuses.append(client.post(PATH, json=full, headers=signed(PATH)).status_code)
-    fetched = hook_body("patient-view", trantow, **fhir_access(fhir_server, fhir_server.token))
+    fetched = hook_body("patient-view", trantow, **fhir_access(fhir_server.base_url, fhir_server.token))
     statuses.append(client.post(PATH, json=fetched, headers=signed(PATH)).status_code)
     nothing = hook_body("patient-view", trantow)
     statuses.append(client.post(PATH, json=nothing, headers=signed(PATH)).status_code)
-    refused = hook_body("patient-view", trantow, **fhir_access(fhir_server, WRONG_FHIR_TOKEN))
+    refused = hook_body("patient-view", trantow, **fhir_access(fhir_server.base_url, WRONG_FHIR_TOKEN))
     statuses.append(client.post(PATH, json=refused, headers=signed(PATH)).status_code)
     named = hook_body("patient-view", f"{given} {family}", hookInstance=family)
     named["context"]["userId"] = f"Practitioner/{given} {family}"

@@ -21,6 +21,7 @@ from openapi_spec_validator import validate as validate_openapi
 from support import PUBLIC_URL
 from support import FhirServer
 from support import Issuer
+from support import fhir_access
 from werkzeug.test import TestResponse
 
 from cds_service.app import create_app
@@ -125,18 +126,6 @@ def stub_fhir() -> Iterator[Callable[..., StubFhir]]:
     for server in started:
         server.shutdown()
         server.server_close()
-
-
-def fhir_access(base_url: str, token: str) -> dict[str, Any]:
-    """Return the fhirServer and fhirAuthorization fields of a hook body."""
-    authorization = {
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": 300,
-        "scope": "patient/*.read",
-        "subject": "cds-service",
-    }
-    return {"fhirServer": base_url, "fhirAuthorization": authorization}
 
 
 def test_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 from support import Issuer
+from support import fhir_access
 
 from cds_service.app import create_app
 from cds_service.settings import Settings
@@ -157,14 +158,7 @@ def order_review_call(hook_body: Callable[..., dict[str, Any]], fhir_server: str
     body = hook_body(
         "order-select",
         "p1",
-        fhirServer=fhir_server,
-        fhirAuthorization={
-            "access_token": TOKEN,
-            "token_type": "Bearer",
-            "expires_in": 300,
-            "scope": "patient/*.read",
-            "subject": "cds-service",
-        },
+        **fhir_access(fhir_server, TOKEN),
     )
     body["context"] |= {
         "selections": ["MedicationRequest/d1"],

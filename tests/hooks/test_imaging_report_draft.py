@@ -22,6 +22,7 @@ from support import FhirServer
 from support import Issuer
 from support import LiveServer
 from support import ModelWorker
+from support import fhir_access
 
 PATH = "/cds-services/imaging-report-draft"
 DRAFT_SYSTEM = "urn:medgemma-cds:draft-report"
@@ -42,14 +43,7 @@ def fire(server: LiveServer, issuer: Issuer, fhir: FhirServer, patient_id: str) 
     body = {
         "hook": "patient-view",
         "hookInstance": str(uuid.uuid4()),
-        "fhirServer": fhir.base_url,
-        "fhirAuthorization": {
-            "access_token": fhir.token,
-            "token_type": "Bearer",
-            "expires_in": 300,
-            "scope": "patient/*.read",
-            "subject": "cds-service",
-        },
+        **fhir_access(fhir.base_url, fhir.token),
         "context": {"userId": "Practitioner/COREPRACTITIONER1", "patientId": patient_id},
     }
     token = issuer.token(server.url + PATH)

@@ -7,6 +7,7 @@ from typing import Any
 
 from support import FhirServer
 from support import Issuer
+from support import fhir_access
 
 PATH = "/cds-services/patient-summary"
 
@@ -17,19 +18,6 @@ def full_prefetch(fhir: FhirServer, patient_id: str) -> dict[str, Any]:
         "conditions": fhir.get(f"Condition?patient={patient_id}&clinical-status=active"),
         "medications": fhir.get(f"MedicationRequest?patient={patient_id}&status=active"),
         "allergies": fhir.get(f"AllergyIntolerance?patient={patient_id}"),
-    }
-
-
-def fhir_access(fhir: FhirServer) -> dict[str, Any]:
-    return {
-        "fhirServer": fhir.base_url,
-        "fhirAuthorization": {
-            "access_token": fhir.token,
-            "token_type": "Bearer",
-            "expires_in": 300,
-            "scope": "patient/*.read",
-            "subject": "cds-service",
-        },
     }
 
 
@@ -61,7 +49,7 @@ def test_no_prefetch_reads_fhir_server_with_bearer_token(
     client, issuer, fhir_server, hook_body, redis_client
 ) -> None:
     patient_id = fhir_server.patients["Trantow"]
-    body = hook_body("patient-view", patient_id, **fhir_access(fhir_server))
+    body = hook_body("patient-view", patient_id, **fhir_access(fhir_server.base_url, fhir_server.token))
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))
     assert response.status_code == 200, response.json
     assert response.json["cards"][0]["summary"] == "1 active problem, 3 active medications, 3 allergies"
@@ -83,7 +71,9 @@ def test_partial_prefetch_fetches_only_missing_keys(client, issuer, fhir_server,
     patient_id = fhir_server.patients["Trantow"]
     prefetch = full_prefetch(fhir_server, patient_id)
     del prefetch["medications"], prefetch["allergies"]
-    body = hook_body("patient-view", patient_id, prefetch=prefetch, **fhir_access(fhir_server))
+    body = hook_body(
+        "patient-view", patient_id, prefetch=prefetch, **fhir_access(fhir_server.base_url, fhir_server.token)
+    )
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))
     assert response.status_code == 200
     assert response.json["cards"][0]["summary"] == "1 active problem, 3 active medications, 3 allergies"
@@ -118,9 +108,9 @@ def test_unreachable_fhir_server_is_412_naming_the_key(client, issuer, hook_body
 
 
 def test_fhir_server_refusing_the_token_is_412(client, issuer, fhir_server, hook_body) -> None:
-    access = fhir_access(fhir_server)
-    access["fhirAuthorization"]["access_token"] = "wrong-token"
-    body = hook_body("patient-view", fhir_server.patients["Trantow"], **access)
+    body = hook_body(
+        "patient-view", fhir_server.patients["Trantow"], **fhir_access(fhir_server.base_url, "wrong-token")
+    )
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))
     assert response.status_code == 412
     assert "401" in response.json["issue"][0]["diagnostics"]
@@ -128,7 +118,9 @@ def test_fhir_server_refusing_the_token_is_412(client, issuer, fhir_server, hook
 
 
 def test_unknown_patient_is_412_not_found(client, issuer, fhir_server, hook_body) -> None:
-    body = hook_body("patient-view", "no-such-patient", **fhir_access(fhir_server))
+    body = hook_body(
+        "patient-view", "no-such-patient", **fhir_access(fhir_server.base_url, fhir_server.token)
+    )
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))
     assert response.status_code == 412
     assert response.json["issue"][0]["code"] == "not-found"
