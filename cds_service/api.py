@@ -24,6 +24,7 @@ from cds_service.jobs import JobQueue
 from cds_service.jobs import live_workers
 from cds_service.metrics import count_feedback
 from cds_service.metrics import count_job_lookup
+from cds_service.metrics import count_tolerated
 from cds_service.metrics import observe_prefetch
 from cds_service.registry import ServiceDefinition
 from cds_service.signed_links import link_grants
@@ -107,6 +108,7 @@ def call_service(service_id: str) -> Response:
             on_fetch=observe_prefetch,
         )
         cards = len(response.cards)
+        count_tolerated(definition.id, call.tolerated)
         return jsonify(response.wire())
     except CdsError as error:
         status, outcome = error.status, error.code

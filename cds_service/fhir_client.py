@@ -11,8 +11,6 @@ from urllib.parse import urlsplit
 from urllib.parse import urlunsplit
 
 import httpx
-from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
 
 from cds_service.fhir_guard import check_fhir_server_url
 
@@ -28,22 +26,6 @@ class FhirReadError(Exception):
         self.kind = kind
         self.detail = detail
         self.status = status
-
-
-def parse_resource(data: Any) -> Any:
-    """Return the fhir.resources R4B object for a resource dict; raise ValueError naming what is wrong."""
-    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
-        raise ValueError("not a FHIR resource (no resourceType)")
-    try:
-        model = get_fhir_model_class(data["resourceType"])
-    except KeyError as exc:
-        raise ValueError(f"unknown resourceType {data['resourceType']!r}") from exc
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors(include_input=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"invalid {data['resourceType']} at {where or 'root'}: {first['msg']}") from None
 
 
 class FhirReader:

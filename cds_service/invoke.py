@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -14,7 +15,6 @@ from pydantic import ValidationError
 from cds_service.drafts import DraftService
 from cds_service.errors import BadRequest
 from cds_service.fhir_client import FhirReader
-from cds_service.fhir_client import parse_resource
 from cds_service.hook_io import RecordImages
 from cds_service.hook_io import StoreDraftRecorder
 from cds_service.prefetch import ParsedPrefetchCache
@@ -26,6 +26,7 @@ from cds_service.wire import HookCall
 from cds_service.wire import HookRequest
 from cds_service.wire import HookResponse
 from cds_service.wire import ModelJobs
+from fhir_mappings.read_models import read_resource
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -66,9 +67,13 @@ def json_problem(value: Any, max_depth: int) -> str | None:
 
 
 def parse_hook_call(
-    definition: ServiceDefinition, body: Any, settings: Settings
+    definition: ServiceDefinition, body: Any, settings: Settings, tolerated: Counter[str]
 ) -> tuple[HookRequest, Any, Any | None]:
-    """Validate a hook body for this service; return the request, its context and the parsed draftOrders."""
+    """Validate a hook body for this service; return the request, its context and the read draftOrders.
+
+    draftOrders are read tolerantly (counted in ``tolerated``): clients send Bundles that strict R4
+    rejects, and a 400 there would silence the order's safety checks.
+    """
     hook_request = validate(HookRequest, body)
     if hook_request.hook != definition.hook:
         raise BadRequest(
@@ -80,12 +85,10 @@ def parse_hook_call(
     draft_orders = None
     raw_orders = getattr(context, "draft_orders", None)
     if raw_orders is not None:
-        if len(raw_orders.get("entry") or []) > settings.max_draft_orders:
+        entries = raw_orders.get("entry")
+        if isinstance(entries, list) and len(entries) > settings.max_draft_orders:
             raise BadRequest(f"too many draft orders (limit {settings.max_draft_orders})")
-        try:
-            draft_orders = parse_resource(raw_orders)
-        except ValueError as exc:
-            raise BadRequest(f"context.draftOrders is not a valid FHIR Bundle: {exc}") from None
+        draft_orders = read_resource(raw_orders, tolerated)
     return hook_request, context, draft_orders
 
 
@@ -102,7 +105,8 @@ def run_service(
     on_fetch: Callable[[float], None] = lambda seconds: None,
 ) -> tuple[HookCall, HookResponse]:
     """Run one hook call end to end (after auth) and return the call and the handler's response."""
-    hook_request, context, draft_orders = parse_hook_call(definition, body, settings)
+    tolerated: Counter[str] = Counter()
+    hook_request, context, draft_orders = parse_hook_call(definition, body, settings, tolerated)
 
     token = hook_request.fhir_authorization.access_token if hook_request.fhir_authorization else None
     fhir_server = hook_request.fhir_server
@@ -132,6 +136,8 @@ def run_service(
         context=context,
         prefetch=prefetched.resources,
         content_hashes=prefetched.content_hashes,
+        unavailable=prefetched.unavailable,
+        tolerated=tolerated + prefetched.tolerated,
         draft_orders=draft_orders,
         public_url=settings.public_url.rstrip("/"),
         jobs=jobs,

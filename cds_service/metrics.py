@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +177,7 @@ class Metrics:
     prefetch_latency: Histogram
     job_lookups: Counter
     feedback: Counter
+    tolerated: Counter
     service_ids: frozenset[str]
 
     @classmethod
@@ -219,6 +221,13 @@ class Metrics:
                 "medgemma_cds_feedback",
                 "Feedback items received, by outcome (§Feedback: accepted | overridden).",
                 ["outcome"],
+                registry=own,
+            ),
+            tolerated=Counter(
+                "medgemma_cds_fhir_tolerated",
+                "Repairs made reading inbound FHIR that strict R4 rejects (prefetch, draftOrders, reads), "
+                "by kind; see README 'What is tolerated'.",
+                ["service", "kind"],
                 registry=own,
             ),
             service_ids=service_ids,
@@ -271,6 +280,14 @@ def observe_prefetch(seconds: float) -> None:
     metrics = _metrics()
     if metrics is not None:
         metrics.prefetch_latency.observe(seconds)
+
+
+def count_tolerated(service_id: str, tolerated: Mapping[str, int]) -> None:
+    """Count the repairs one hook call's inbound FHIR needed, by kind (no content, only kinds)."""
+    metrics = _metrics()
+    if metrics is not None:
+        for kind, count in tolerated.items():
+            metrics.tolerated.labels(service=service_id, kind=kind).inc(count)
 
 
 def count_job_lookup(hit: bool) -> None:

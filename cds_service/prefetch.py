@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import threading
+from collections import Counter
 from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -23,9 +24,12 @@ from cds_service.errors import UpstreamError
 from cds_service.errors import UpstreamTimeout
 from cds_service.fhir_client import FhirReader
 from cds_service.fhir_client import FhirReadError
-from cds_service.fhir_client import parse_resource
 from cds_service.registry import Prefetch
 from cds_service.wire import HookContext
+from fhir_mappings.read_models import Bundle
+from fhir_mappings.read_models import BundleEntry
+from fhir_mappings.read_models import Resource
+from fhir_mappings.read_models import read_resource
 from fhir_mappings.record_context import raw_content_hashes
 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
@@ -74,28 +78,37 @@ def answer_type(query: str) -> str | None:
     return segments[0] if len(segments) == 2 else None
 
 
+@dataclass(frozen=True)
+class ParsedValue:
+    """A prefetch value read into its read model, its content hashes and the repairs reading it took."""
+
+    resource: Resource
+    content_hashes: dict[str, str]
+    tolerated: Counter[str]
+
+
 class ParsedPrefetchCache:
     """Parsed prefetch values by the digest of their JSON, least recently used dropped first.
 
-    An EHR sends the same chart to each service of a hook and again at every chart open; validating it with
-    fhir.resources is most of a hook's CPU. Digesting the JSON is a tenth of that. Handlers only read the
-    resources, so one parsed object can serve every call that sent the same JSON.
+    An EHR sends the same chart to each service of a hook and again at every chart open. Handlers only
+    read the resources (read models are frozen), so one parsed value can serve every call that sent it.
     """
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[Any, dict[str, str]]] = OrderedDict()
+        self._entries: OrderedDict[str, ParsedValue] = OrderedDict()
         self._lock = threading.Lock()
 
-    def parse(self, data: dict[str, Any]) -> tuple[Any, dict[str, str]]:
-        """Return the parsed resource and its content hashes; ValueError when it is not valid FHIR."""
+    def parse(self, data: dict[str, Any]) -> ParsedValue:
+        """Return the read value; ValueError when it is not a FHIR resource at all."""
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(text.encode()).hexdigest()
         with self._lock:
             if digest in self._entries:
                 self._entries.move_to_end(digest)
                 return self._entries[digest]
-        parsed = (parse_resource(data), raw_content_hashes(data))
+        tolerated: Counter[str] = Counter()
+        parsed = ParsedValue(read_resource(data, tolerated), raw_content_hashes(data), tolerated)
         if self.max_entries > 0:
             with self._lock:
                 self._entries[digest] = parsed
@@ -104,28 +117,39 @@ class ParsedPrefetchCache:
         return parsed
 
 
-def parse_sent_prefetch(
-    key: str, data: dict[str, Any] | None, cache: ParsedPrefetchCache, expected_type: str | None = None
-) -> tuple[Any, dict[str, str]]:
-    """Return the parsed prefetch value the EHR sent and its content hashes; 400 naming a bad key."""
-    if data is None:
-        return None, {}
-    try:
-        resource, hashes = cache.parse(data)
-    except ValueError as exc:
-        raise BadRequest(f"prefetch '{key}' is not valid FHIR R4: {exc}") from None
-    # Handlers read a key as the type its query answers with; a valid resource of another type crashes them.
-    if expected_type is not None and data["resourceType"] != expected_type:
-        raise BadRequest(f"prefetch '{key}' must be a {expected_type}, not a {data['resourceType']}")
-    return resource, hashes
+def fit_to_type(resource: Resource, expected_type: str | None, tolerated: Counter[str]) -> Resource:
+    """Return the value as the type its query answers with; ValueError when it holds something else.
+
+    Clients answer a read with a one-match search Bundle, or a search with the bare resource; both are
+    read as meant (and counted). A resource of another type is not the data asked for.
+    """
+    actual = resource.get_resource_type()
+    if expected_type is None or actual == expected_type:
+        return resource
+    if expected_type == "Bundle":
+        tolerated["resource-as-search-bundle"] += 1
+        return Bundle(resourceType="Bundle", type="searchset", entry=[BundleEntry(resource=resource)])
+    if isinstance(resource, Bundle):
+        matches = [e.resource for e in resource.entry if e.resource is not None]
+        matches = [r for r in matches if r.get_resource_type() == expected_type]
+        if len(matches) == 1:
+            tolerated["search-bundle-as-resource"] += 1
+            return matches[0]
+    raise ValueError(f"expected a {expected_type}, got a {actual}")
 
 
 @dataclass(frozen=True)
 class Prefetched:
-    """Every declared key resolved (a resource or None), and content hashes of the JSON they came from."""
+    """Every declared key resolved (a read model or None), and what reading them found.
+
+    ``unavailable`` names the keys whose data could not be had (failure mode ``omit``) with the reason, so
+    a safety check can say what it could not check; a key the EHR sent as ``null`` ("no data") is not in it.
+    """
 
     resources: dict[str, Any]
     content_hashes: dict[str, str]
+    unavailable: dict[str, str]
+    tolerated: Counter[str]
 
 
 def resolve_prefetch(
@@ -140,12 +164,30 @@ def resolve_prefetch(
     """Return every declared key resolved to a resource or None, fetching the missing ones concurrently."""
     resolved: dict[str, Any] = {}
     hashes: dict[str, str] = {}
-    for key, prefetch in declared.items():
+    unavailable: dict[str, str] = {}
+    tolerated: Counter[str] = Counter()
+
+    def accept(key: str, parsed: ParsedValue) -> None:
+        tolerated.update(parsed.tolerated)
+        try:
+            resolved[key] = fit_to_type(parsed.resource, answer_type(declared[key].query), tolerated)
+        except ValueError as exc:
+            tolerated["prefetch-of-wrong-type"] += 1
+            resolved[key] = None
+            unavailable[key] = str(exc)
+            return
+        hashes.update(parsed.content_hashes)
+
+    for key in declared:
         if key in sent:
-            resolved[key], key_hashes = parse_sent_prefetch(
-                key, sent[key], cache, answer_type(prefetch.query)
-            )
-            hashes.update(key_hashes)
+            if sent[key] is None:
+                resolved[key] = None
+                continue
+            try:
+                parsed = cache.parse(sent[key])  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise BadRequest(f"prefetch '{key}' is not a FHIR resource: {exc}") from None
+            accept(key, parsed)
     values = token_values(context)
     to_fetch: dict[str, str] = {}
     for key, prefetch in declared.items():
@@ -159,6 +201,7 @@ def resolve_prefetch(
             if prefetch.failure_mode == "fail":
                 raise PrefetchFailed(key, "not prefetched and the request has no fhirServer")
             resolved[key] = None
+            unavailable[key] = "not prefetched, and the request named no fhirServer to read it from"
         else:
             to_fetch[key] = query
     futures = {}
@@ -171,22 +214,19 @@ def resolve_prefetch(
             data, seconds = future.result()
             on_fetch(seconds)
             try:
-                resource, key_hashes = cache.parse(data)
+                parsed = cache.parse(data)
             except ValueError as exc:
-                raise FhirReadError("invalid", f"FHIR server sent invalid FHIR: {exc}") from None
-            expected_type = answer_type(declared[key].query)
-            if expected_type is not None and resource.get_resource_type() != expected_type:
-                raise FhirReadError("invalid", f"FHIR server answered a {resource.get_resource_type()}")
-            resolved[key] = resource
-            hashes.update(key_hashes)
+                raise FhirReadError("invalid", f"FHIR server sent something else than FHIR: {exc}") from None
+            accept(key, parsed)
         except FhirReadError as exc:
             if declared[key].failure_mode == "omit":
                 resolved[key] = None
+                unavailable[key] = f"reading it from the FHIR server failed: {exc.detail}"
             else:
                 failures.append((key, exc))
     if failures:
         raise _failure_to_error(*failures[0])
-    return Prefetched(resources=resolved, content_hashes=hashes)
+    return Prefetched(resolved, hashes, unavailable, tolerated)
 
 
 def _failure_to_error(key: str, error: FhirReadError) -> Exception:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from dataclasses import field
 from datetime import datetime
@@ -73,13 +74,12 @@ class PatientViewContext(WireModel):
     encounter_id: str | None = Field(default=None, pattern=FHIR_ID)
 
 
-class OrderSelectContext(WireModel):
-    """Context of ``order-select`` 1.0 (https://cds-hooks.org/hooks/order-select/)."""
+class OrderSignContext(WireModel):
+    """Context of ``order-sign`` 1.0 (https://cds-hooks.org/hooks/order-sign/): orders about to be signed."""
 
     user_id: str = Field(pattern=FHIR_REFERENCE)
     patient_id: str = Field(pattern=FHIR_ID)
     encounter_id: str | None = Field(default=None, pattern=FHIR_ID)
-    selections: list[str] = Field(min_length=1)
     draft_orders: dict[str, Any]
 
     @field_validator("draft_orders")
@@ -90,13 +90,11 @@ class OrderSelectContext(WireModel):
         return value
 
 
-class OrderSignContext(WireModel):
-    """Context of ``order-sign`` 1.0: like order-select without ``selections``."""
+class OrderSelectContext(OrderSignContext):
+    """Context of ``order-select`` 1.0 (https://cds-hooks.org/hooks/order-select/): order-sign's plus the
+    orders the clinician just selected."""
 
-    user_id: str = Field(pattern=FHIR_REFERENCE)
-    patient_id: str = Field(pattern=FHIR_ID)
-    encounter_id: str | None = Field(default=None, pattern=FHIR_ID)
-    draft_orders: dict[str, Any]
+    selections: list[str] = Field(min_length=1)
 
 
 HookContext = PatientViewContext | OrderSelectContext | OrderSignContext
@@ -429,9 +427,10 @@ class DraftRecorder(Protocol):
 class HookCall:
     """A validated hook invocation handed to a service's handler.
 
-    ``prefetch`` holds every declared key: a fhir.resources object, or ``None`` where the EHR sent ``null``,
-    the template could not be rendered, or the key was optional and unreadable. ``jobs`` is None where the
-    service runs without model workers (e.g. a unit test of the rules).
+    ``prefetch`` holds every declared key: a read model (``fhir_mappings.read_models``), or ``None`` where
+    the EHR sent ``null``, the template could not be rendered, or the key was optional and unreadable; such
+    unreadable keys are in ``unavailable`` with the reason. ``tolerated`` counts the repairs made reading
+    the inbound FHIR. ``jobs`` is None where the service runs without model workers (a unit test of rules).
     """
 
     service_id: str
@@ -440,6 +439,8 @@ class HookCall:
     prefetch: dict[str, Any]
     public_url: str
     content_hashes: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    tolerated: Counter[str] = field(default_factory=Counter)
     draft_orders: Any | None = None
     jobs: ModelJobs | None = None
     images: RecordImages | None = None

@@ -2,26 +2,66 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 
 from cds_service.wire import Card
 from cds_service.wire import JobRecord
 from cds_service.wire import Link
 from cds_service.wire import Source
+from fhir_mappings.markdown import markdown_list
+from fhir_mappings.markdown import md_text
 from fhir_mappings.model_outputs import PatientSummaryOutput
-from fhir_mappings.record import markdown_list
 
 AI_DISCLAIMER = (
     "_AI-generated draft — requires clinician review. MedGemma is not a clinical-grade model; "
     "do not act on this text without checking the record._"
 )
 MAX_EVIDENCE_LINKS = 5
+#: The names clinicians know Google's checkpoints by.
+KNOWN_MODELS = {
+    "google/medgemma-4b-it": "MedGemma 4B",
+    "google/medgemma-4b-pt": "MedGemma 4B (pre-trained)",
+    "google/medgemma-27b-it": "MedGemma 27B",
+    "google/medgemma-27b-text-it": "MedGemma 27B (text)",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+log = logging.getLogger(__name__)
+
+
+def model_display_name(model: str | None) -> str:
+    """Return the model as people know it: MedGemma's name, a Hub id, or a local folder's own name.
+
+    A configured local path is never shown: it says nothing to a clinician and something to an attacker.
+    """
+    if not model:
+        return "model"
+    if model in KNOWN_MODELS:
+        return KNOWN_MODELS[model]
+    if _HUB_ID.match(model):
+        return model
+    return re.split(r"[\\/]", model.rstrip("/\\"))[-1] or "local model"
 
 
 def model_source(record: JobRecord) -> Source:
-    """Return a card source naming the model and its version."""
+    """Return a card source naming the model (as people know it) and its version."""
     version = f" ({record.model_version})" if record.model_version else ""
-    return Source(label=f"MedGemma AI draft: {record.model or 'model'}{version}"[:200])
+    return Source(label=f"MedGemma AI draft: {model_display_name(record.model)}{version}"[:200])
+
+
+def guarded_ai_cards(service_id: str, build: Callable[[], list[Card]]) -> list[Card]:
+    """Return the AI cards ``build`` makes, or none when it fails: an AI error never costs the rule cards.
+
+    A cached result that no longer validates, an image that isn't what it says, a record the prompt
+    builder can't read: the clinician still gets every rule card, and the error is logged (its type only).
+    """
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - whatever broke, the rules must still be answered
+        log.error("%s: AI card dropped after %s", service_id, type(exc).__name__)
+        return []
 
 
 def cited_evidence(cited: list[str], offered: list[str]) -> list[str]:
@@ -59,7 +99,7 @@ def summary_ai_card(
     evidence = cited_evidence(output.evidence_ids, offered)
     detail = "\n\n".join(
         [
-            output.summary,
+            md_text(output.summary),
             f"**Key problems**\n\n{markdown_list(output.key_problems)}",
             f"**Medication concerns**\n\n{markdown_list(output.medication_concerns)}",
             f"**Follow-up**\n\n{markdown_list(output.follow_up)}",

@@ -113,6 +113,8 @@ def bytes_hash(data: bytes) -> str:
 
 
 def _attachment_source(resource: Any, attachment: Any, study: str | None, taken: Any) -> ImageSource | None:
+    if attachment is None or not resource.id:
+        return None
     content_type = (attachment.contentType or "").lower()
     if content_type not in IMAGE_TYPES or not (attachment.data or attachment.url):
         return None
@@ -120,9 +122,7 @@ def _attachment_source(resource: Any, attachment: Any, study: str | None, taken:
         resource=f"{resource.get_resource_type()}/{resource.id}",
         study=study,
         content_type=content_type,
-        data_b64=base64.b64encode(attachment.data).decode()
-        if isinstance(attachment.data, bytes)
-        else attachment.data,
+        data_b64=attachment.data,
         url=attachment.url,
         taken=str(taken or ""),
     )
@@ -133,11 +133,7 @@ def image_sources(media: list[Any], documents: list[Any]) -> list[ImageSource]:
     sources: list[ImageSource] = []
     for item in media:
         study = next(
-            (
-                p.reference
-                for p in item.partOf or []
-                if p.reference and p.reference.startswith("ImagingStudy/")
-            ),
+            (p.reference for p in item.partOf if p.reference and p.reference.startswith("ImagingStudy/")),
             None,
         )
         source = _attachment_source(item, item.content, study, item.createdDateTime or item.issued)
@@ -149,7 +145,7 @@ def image_sources(media: list[Any], documents: list[Any]) -> list[ImageSource]:
             (r.reference for r in related or [] if r.reference and r.reference.startswith("ImagingStudy/")),
             None,
         )
-        for content in document.content or []:
+        for content in document.content:
             source = _attachment_source(document, content.attachment, study, document.date)
             if source:
                 sources.append(source)

@@ -15,6 +15,8 @@ from fhir_mappings.ai_cards import AI_DISCLAIMER
 from fhir_mappings.ai_cards import model_source
 from fhir_mappings.images import ImageSource
 from fhir_mappings.images import image_sources
+from fhir_mappings.markdown import md_text
+from fhir_mappings.markdown import plain_text
 from fhir_mappings.model_outputs import ImagingReadOutput
 from fhir_mappings.record import bundle_resources
 from fhir_mappings.record import reference
@@ -67,10 +69,10 @@ def study_description(study: Any) -> str:
 def no_image_card(study: Any) -> Card:
     """Return the info card for a study whose image can't be retrieved, so no AI draft can be made."""
     return Card(
-        summary=f"No retrievable image for {study_description(study)}"[:139],
+        summary=plain_text(f"No retrievable image for {study_description(study)}", 139),
         detail=(
-            f"{reference(study)} has no image this service can read (no Media or DocumentReference with an "
-            "image attachment points at it), so no AI draft report was made."
+            f"{md_text(reference(study))} has no image this service can read (no Media or DocumentReference "
+            "with an image attachment points at it), so no AI draft report was made."
         ),
         indicator="info",
         source=Source(label="MedGemma CDS"),
@@ -81,7 +83,7 @@ def unreadable_image_card(source: ImageSource, reason: str) -> Card:
     """Return the warning card for an image attachment that could not be read."""
     return Card(
         summary="An imaging attachment could not be read for AI drafting",
-        detail=f"{source.resource}: {reason}. No AI draft report was made.",
+        detail=f"{md_text(source.resource)}: {md_text(reason)}. No AI draft report was made.",
         indicator="warning",
         source=Source(label="MedGemma CDS"),
     )
@@ -98,8 +100,8 @@ def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: Draf
         summary=f"AI draft imaging report ready for review ({output.urgency})"[:139],
         detail="\n\n".join(
             [
-                f"**Impression (AI draft):** {output.impression}",
-                f"**Findings (AI draft):** {output.findings}",
+                f"**Impression (AI draft):** {md_text(output.impression)}",
+                f"**Findings (AI draft):** {md_text(output.findings)}",
                 AI_DISCLAIMER,
             ]
         ),

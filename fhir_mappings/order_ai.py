@@ -14,24 +14,25 @@ from cds_service.wire import JobRecord
 from cds_service.wire import Suggestion
 from fhir_mappings.ai_cards import AI_DISCLAIMER
 from fhir_mappings.ai_cards import model_source
+from fhir_mappings.markdown import md_text
 from fhir_mappings.model_outputs import OrderReviewOutput
-from fhir_mappings.order_conflicts import selected_medication_orders
-from fhir_mappings.record import concept_text
-from fhir_mappings.record import markdown_list
-from fhir_mappings.record import medication_concept
+from fhir_mappings.order_conflicts import medication_orders
+from fhir_mappings.record import medication_text
 from fhir_mappings.record import reference
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
-def orders_context(draft_orders: Any, selections: list[str]) -> tuple[str, list[str]]:
-    """Return the selected draft orders as cited lines with their dosage text, and their references."""
+def orders_context(draft_orders: Any, selections: list[str] | None) -> tuple[str, list[str]]:
+    """Return the draft orders to review (selected ones, or all) as cited lines with their dosage text,
+    and their references. Orders without an id or a medication can't be cited and are left out."""
     lines, refs = [], []
-    for order in selected_medication_orders(draft_orders, selections):
-        dosage = "; ".join(d.text for d in order.dosageInstruction or [] if d.text)
-        lines.append(
-            f"[{reference(order)}] draft order: {concept_text(medication_concept(order))} {dosage}".strip()
-        )
+    for order in medication_orders(draft_orders, selections)[0]:
+        name = medication_text(order, draft_orders)
+        if not order.id or not name:
+            continue
+        dosage = "; ".join(d.text for d in order.dosageInstruction if d.text)
+        lines.append(f"[{reference(order)}] draft order: {name} {dosage}".strip())
         refs.append(reference(order))
     return "\n".join(lines), refs
 
@@ -46,17 +47,19 @@ def order_review_card(
     if not concerns and not overruled:
         return None
     lines = [
-        f"**{c.order_id}** ({c.severity}): {c.issue} Recommendation: {c.recommendation}" for c in concerns
+        f"**{md_text(c.order_id)}** ({c.severity}): {md_text(c.issue)} Recommendation: "
+        f"{md_text(c.recommendation)}"
+        for c in concerns
     ]
     notes = [
-        f"The model saw no problem with {ref}, but the rule check flagged it: the rule card stands."
+        f"The model saw no problem with {md_text(ref)}, but the rule check flagged it: the rule card stands."
         for ref in overruled
     ]
     removable = sorted({c.order_id for c in concerns if c.action == "remove"} - rule_flagged)
     severity = max((c.severity for c in concerns), key=SEVERITY_RANK.__getitem__, default="info")
     return Card(
         summary=f"AI order review: {len(concerns)} concern(s) to check (draft, needs clinician review)"[:139],
-        detail="\n\n".join([markdown_list(lines), *notes, AI_DISCLAIMER]),
+        detail="\n\n".join(["\n".join(f"- {line}" for line in lines) or "_none_", *notes, AI_DISCLAIMER]),
         indicator=severity,  # type: ignore[arg-type]
         source=model_source(record),
         suggestions=[

@@ -1,25 +1,41 @@
-"""Rule checks of selected draft medication orders: allergy conflicts and duplicate therapy."""
+"""Rule checks of draft medication orders: allergy conflicts, cross-reactivity, duplicate therapy.
+
+Fail-safe, never fail-silent: an order, an allergy or a list that can't be read gives a card saying what
+could not be checked against what, and why. No card means "checked, and nothing found".
+"""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 from cds_service.wire import Action
 from cds_service.wire import Card
+from cds_service.wire import Coding
 from cds_service.wire import OverrideReason
+from cds_service.wire import Source
 from cds_service.wire import Suggestion
-from fhir_mappings.record import RXNORM
+from fhir_mappings.drugs import AllergyMatch
+from fhir_mappings.drugs import DrugConcept
+from fhir_mappings.drugs import DuplicateMatch
+from fhir_mappings.drugs import allergy_conflict
+from fhir_mappings.drugs import duplicate_therapy
+from fhir_mappings.drugs import identify
+from fhir_mappings.markdown import md_text
+from fhir_mappings.markdown import plain_text
 from fhir_mappings.record import active_allergies
 from fhir_mappings.record import active_medication_requests
 from fhir_mappings.record import bundle_resources
-from fhir_mappings.record import concept_codes
 from fhir_mappings.record import concept_text
-from fhir_mappings.record import medication_concept
+from fhir_mappings.record import medication_text
 from fhir_mappings.record import reference
+from fhir_mappings.record import resolve_medication
 from fhir_mappings.summary import RULES_SOURCE
 
 OVERRIDE_SYSTEM = "https://github.com/medgemma-cds/medgemma-cds/override-reason"
+#: Card topics (Source.topic) telling the kinds of rule card apart, for EHR analytics and tests.
+TOPIC_SYSTEM = "https://github.com/medgemma-cds/medgemma-cds/card-topic"
 ALLERGY_OVERRIDES = [
     OverrideReason(code="tolerated-before", system=OVERRIDE_SYSTEM, display="Patient tolerated this before"),
     OverrideReason(code="benefit-outweighs-risk", system=OVERRIDE_SYSTEM, display="Benefit outweighs risk"),
@@ -31,106 +47,244 @@ DUPLICATE_OVERRIDES = [
     OverrideReason(code="intended-combination", system=OVERRIDE_SYSTEM, display="Combination is intended"),
     OverrideReason(code="replacing-existing", system=OVERRIDE_SYSTEM, display="Replaces the existing order"),
 ]
-# Cross-reacting ingredients the rule knows by class; a substance named by its class matches its members.
-DRUG_CLASSES = {
-    "penicillin": {
-        "penicillin",
-        "amoxicillin",
-        "ampicillin",
-        "piperacillin",
-        "nafcillin",
-        "oxacillin",
-        "dicloxacillin",
-    },
-    "sulfonamide": {"sulfamethoxazole", "sulfadiazine", "sulfasalazine"},
-    "nsaid": {"aspirin", "ibuprofen", "naproxen", "diclofenac", "ketorolac", "celecoxib", "indomethacin"},
-    "cephalosporin": {"cefalexin", "cephalexin", "cefazolin", "ceftriaxone", "cefuroxime", "cefepime"},
-}
-# Words of drug names that are forms, devices or units, not ingredients.
-_STOPWORDS = {
-    "allergy", "allergic", "intolerance", "product", "oral", "tablet", "tablets", "capsule", "chewable",
-    "solution", "suspension", "injection", "injectable", "injector", "auto", "actuat", "metered", "dose",
-    "inhaler", "extended", "release", "topical", "cream", "disintegrating", "prefilled", "syringe", "unit",
-    # Salts and esters name the form of an ingredient, not the drug: two hydrochlorides are not a duplicate.
-    "hydrochloride", "sodium", "potassium", "calcium", "sulfate", "acetate", "citrate", "phosphate",
-    "maleate", "succinate", "tartrate", "besylate", "mesylate", "fumarate", "bromide", "chloride", "hyclate",
-}  # fmt: skip
-_WORD = re.compile(r"[a-z]{4,}")
+NOT_CHECKED_OVERRIDES = [
+    OverrideReason(code="checked-manually", system=OVERRIDE_SYSTEM, display="Checked manually"),
+]
 
 
-def _words(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
+def _source(topic: str, display: str) -> Source:
+    return Source(label=RULES_SOURCE.label, topic=Coding(system=TOPIC_SYSTEM, code=topic, display=display))
 
 
-def _ingredients(text: str) -> set[str]:
-    """Return the words of a text plus the class names those words belong to."""
-    words = _words(text)
-    classes = {name for name, members in DRUG_CLASSES.items() if words & (members | {name, name + "s"})}
-    return words | classes
-
-
-def selected_medication_orders(draft_orders: Any, selections: list[str]) -> list[Any]:
-    """Return the draft MedicationRequests the clinician selected (§order-select ``selections``)."""
-    wanted = set(selections)
-    return [m for m in bundle_resources(draft_orders, "MedicationRequest") if reference(m) in wanted]
-
-
-def _remove_suggestion(order: Any) -> Suggestion:
-    return Suggestion(
-        label="Remove this draft order",
-        is_recommended=True,
-        actions=[Action(type="delete", description="Remove the draft order", resource_id=reference(order))],
+def drug_concept(concepts: Iterable[Any], names: Iterable[str | None] = ()) -> DrugConcept:
+    """Return every text and coding of CodeableConcepts (and extra names) as one DrugConcept."""
+    texts: list[str] = []
+    codings: list[tuple[str, str]] = []
+    for concept in concepts:
+        if concept is None:
+            continue
+        texts += [concept.text or ""] + [c.display or "" for c in concept.coding]
+        codings += [(c.system or "", c.code) for c in concept.coding if c.code]
+    texts += [name or "" for name in names]
+    return DrugConcept(
+        texts=tuple(dict.fromkeys(t.strip() for t in texts if t.strip())), codings=tuple(codings)
     )
 
 
-def allergy_match(order: Any, allergy: Any) -> bool:
-    """Return True when an ordered medication matches an allergy's substance by RxNorm code, name or class."""
-    ordered = medication_concept(order)
-    if concept_codes(ordered, RXNORM) & concept_codes(allergy.code, RXNORM):
-        return True
-    substance = _ingredients(concept_text(allergy.code))
-    return bool(substance & _ingredients(concept_text(ordered)))
+def _checkable(concept: DrugConcept) -> bool:
+    return bool(concept.texts) or identify(concept).recognised
 
 
-def order_conflict_cards(
-    draft_orders: Any, selections: list[str], allergies: Any, medications: Any
+def ordered_drug(order: Any, draft_orders: Any) -> tuple[DrugConcept | None, str]:
+    """Return what a MedicationRequest orders, or None and why it can't be told.
+
+    Reads ``medicationCodeableConcept``, or the Medication a ``medicationReference`` resolves to (contained
+    or a draftOrders entry) with its ingredients; an unresolved reference still names its ``display``.
+    """
+    if order.medicationCodeableConcept is not None:
+        concept = drug_concept([order.medicationCodeableConcept])
+    elif order.medicationReference is not None:
+        medication = resolve_medication(order, draft_orders)
+        target = order.medicationReference.reference or "a Medication"
+        if medication is None and not order.medicationReference.display:
+            return None, f"its medicationReference ({target}) could not be resolved"
+        ingredients = medication.ingredient if medication is not None else []
+        concept = drug_concept(
+            [medication.code if medication is not None else None]
+            + [i.itemCodeableConcept for i in ingredients],
+            [order.medicationReference.display]
+            + [i.itemReference.display for i in ingredients if i.itemReference],
+        )
+    else:
+        return None, "it names no medication"
+    if not _checkable(concept):
+        return None, "its medication has no text and no code this service knows"
+    return concept, ""
+
+
+def allergy_substance(allergy: Any) -> DrugConcept | None:
+    """Return the substance of an AllergyIntolerance (``code`` and each reaction's ``substance``), or None."""
+    concept = drug_concept([allergy.code] + [r.substance for r in allergy.reaction])
+    return concept if _checkable(concept) else None
+
+
+def medication_orders(draft_orders: Any, selections: list[str] | None) -> tuple[list[Any], list[str]]:
+    """Return the MedicationRequests to check and the selected MedicationRequests draftOrders lacks.
+
+    ``selections`` (order-select) picks the orders; None (order-sign) checks every draft medication order.
+    """
+    orders = bundle_resources(draft_orders, "MedicationRequest")
+    if selections is None:
+        return orders, []
+    wanted = [s for s in selections if s.startswith("MedicationRequest/")]
+    chosen = [o for o in orders if reference(o) in wanted]
+    found = {reference(o) for o in chosen}
+    return chosen, [s for s in wanted if s not in found]
+
+
+def _order_name(order: Any, draft_orders: Any) -> str:
+    return medication_text(order, draft_orders) or (order.id and reference(order)) or "a draft order"
+
+
+def _remove_suggestion(order: Any) -> list[Suggestion]:
+    if not order.id:
+        return []
+    return [
+        Suggestion(
+            label="Remove this draft order",
+            is_recommended=True,
+            actions=[
+                Action(type="delete", description="Remove the draft order", resource_id=reference(order))
+            ],
+        )
+    ]
+
+
+def _allergy_card(drug: str, order: Any, allergy: Any, match: AllergyMatch) -> Card:
+    substance = concept_text(allergy.code) or next(
+        (concept_text(r.substance) for r in allergy.reaction if r.substance), "a recorded substance"
+    )
+    criticality = allergy.criticality or "unknown"
+    suggestions = _remove_suggestion(order)
+    if match.kind == "cross-reactivity":
+        summary = f"Possible cross-reactivity: {drug} with recorded allergy to {substance}"
+        detail = (
+            f"The draft order for **{md_text(drug)}** may cross-react with the active allergy or intolerance "
+            f"to **{md_text(substance)}** ({md_text(match.what)}; criticality: {md_text(criticality)}). "
+            "Check the reaction history before ordering."
+        )
+        indicator = "warning"
+    else:
+        summary = f"Allergy conflict: {drug} vs recorded allergy to {substance}"
+        detail = (
+            f"The draft order for **{md_text(drug)}** matches the active allergy or intolerance to "
+            f"**{md_text(substance)}** by {match.kind} ({md_text(match.what)}; criticality: "
+            f"{md_text(criticality)})."
+        )
+        indicator = "critical" if criticality == "high" else "warning"
+    return Card(
+        summary=plain_text(summary, 139),
+        detail=detail,
+        indicator=indicator,  # type: ignore[arg-type]
+        source=_source(
+            "cross-reactivity" if match.kind == "cross-reactivity" else "allergy-conflict",
+            "Allergy cross-reactivity" if match.kind == "cross-reactivity" else "Allergy conflict",
+        ),
+        suggestions=suggestions,
+        selection_behavior="at-most-one" if suggestions else None,
+        override_reasons=ALLERGY_OVERRIDES,
+    )
+
+
+def _duplicate_card(drug: str, order: Any, active_drug: str, match: DuplicateMatch) -> Card:
+    suggestions = _remove_suggestion(order)
+    why = "the same ingredient" if match.kind == "same-ingredient" else "the same therapeutic class"
+    return Card(
+        summary=plain_text(f"Duplicate therapy: {drug} duplicates active {active_drug}", 139),
+        detail=(
+            f"The patient already has an active order for **{md_text(active_drug)}**: {why} "
+            f"({md_text(match.what)})."
+        ),
+        indicator="warning",
+        source=_source("duplicate-therapy", "Duplicate therapy"),
+        suggestions=suggestions,
+        selection_behavior="at-most-one" if suggestions else None,
+        override_reasons=DUPLICATE_OVERRIDES,
+    )
+
+
+def not_checked_card(what: str, against: str, why: str, *, indicator: str = "warning") -> Card:
+    """Return the card saying ``what`` could not be checked ``against`` something, and why."""
+    return Card(
+        summary=plain_text(f"Not checked: {what} against {against}", 139),
+        detail=(
+            f"**{md_text(what)}** could not be checked against {md_text(against)}: {md_text(why)}. "
+            "Check it yourself before signing; no card from this check does not mean it is safe."
+        ),
+        indicator=indicator,  # type: ignore[arg-type]
+        source=_source("not-checked", "Safety check could not run"),
+        override_reasons=NOT_CHECKED_OVERRIDES,
+    )
+
+
+def order_check_cards(
+    draft_orders: Any,
+    selections: list[str] | None,
+    allergies: Any,
+    medications: Any,
+    unavailable: Mapping[str, str],
 ) -> list[Card]:
-    """Return a card per selected draft order that conflicts with an allergy or duplicates an active drug."""
+    """Return the rule cards for draft medication orders (selected ones for order-select, all for sign).
+
+    ``unavailable`` names the prefetch keys (``allergies``, ``medications``) that could not be read.
+    """
+    orders, missing = medication_orders(draft_orders, selections)
+    cards = [
+        not_checked_card(ref, "allergies or active medications", "it is selected but not in draftOrders")
+        for ref in missing
+    ]
+    readable: list[tuple[Any, str, DrugConcept]] = []
+    for order in orders:
+        concept, why = ordered_drug(order, draft_orders)
+        name = _order_name(order, draft_orders)
+        if concept is None:
+            # A draft with no medication at all is an order not written yet (EHRs send one as the order
+            # form opens): say so quietly; a medication we can't identify is a warning.
+            no_medication = order.medicationCodeableConcept is None and order.medicationReference is None
+            indicator = "info" if no_medication else "warning"
+            cards.append(not_checked_card(name, "allergies or active medications", why, indicator=indicator))
+        else:
+            readable.append((order, name, concept))
+    if not readable:
+        return cards
+    names = ", ".join(name for _, name, _ in readable)
+    if "allergies" in unavailable:
+        cards.append(
+            not_checked_card(
+                names, "allergies", f"the allergy list could not be read ({unavailable['allergies']})"
+            )
+        )
+    else:
+        cards += _allergy_cards(readable, allergies)
+    if "medications" in unavailable:
+        cards.append(
+            not_checked_card(
+                names,
+                "active medications",
+                f"the medication list could not be read ({unavailable['medications']})",
+            )
+        )
+    else:
+        cards += _duplicate_cards(readable, medications)
+    return cards
+
+
+def _allergy_cards(readable: list[tuple[Any, str, DrugConcept]], allergies: Any) -> list[Card]:
     cards: list[Card] = []
-    for order in selected_medication_orders(draft_orders, selections):
-        drug = concept_text(medication_concept(order)) or "this medication"
-        for allergy in active_allergies(allergies):
-            if allergy_match(order, allergy):
-                substance = concept_text(allergy.code) or "a recorded substance"
-                cards.append(
-                    Card(
-                        summary=f"Allergy conflict: {drug} vs recorded allergy to {substance}"[:139],
-                        detail=(
-                            f"The draft order for **{drug}** matches the active allergy or intolerance to "
-                            f"**{substance}** (criticality: {allergy.criticality or 'unknown'})."
-                        ),
-                        indicator="critical" if allergy.criticality == "high" else "warning",
-                        source=RULES_SOURCE,
-                        suggestions=[_remove_suggestion(order)],
-                        selection_behavior="at-most-one",
-                        override_reasons=ALLERGY_OVERRIDES,
-                    )
-                )
-        ordered_codes = concept_codes(medication_concept(order), RXNORM)
-        ordered_words = _words(drug)
-        for active in active_medication_requests(medications):
-            active_drug = concept_text(medication_concept(active))
-            same_code = bool(ordered_codes & concept_codes(medication_concept(active), RXNORM))
-            if active.id != order.id and (same_code or ordered_words & _words(active_drug)):
-                cards.append(
-                    Card(
-                        summary=f"Duplicate therapy: {drug} duplicates active {active_drug}"[:139],
-                        detail=f"The patient already has an active order for **{active_drug}**.",
-                        indicator="warning",
-                        source=RULES_SOURCE,
-                        suggestions=[_remove_suggestion(order)],
-                        selection_behavior="at-most-one",
-                        override_reasons=DUPLICATE_OVERRIDES,
-                    )
-                )
+    for allergy in active_allergies(allergies):
+        substance = allergy_substance(allergy)
+        if substance is None:
+            label = reference(allergy) if allergy.id else "an allergy"
+            names = ", ".join(name for _, name, _ in readable)
+            cards.append(not_checked_card(names, label, "the allergy record names no substance"))
+            continue
+        for order, name, concept in readable:
+            match = allergy_conflict(concept, substance)
+            if match is not None:
+                cards.append(_allergy_card(name, order, allergy, match))
+    return cards
+
+
+def _duplicate_cards(readable: list[tuple[Any, str, DrugConcept]], medications: Any) -> list[Card]:
+    cards: list[Card] = []
+    for active in active_medication_requests(medications):
+        active_concept, _ = ordered_drug(active, medications)
+        if active_concept is None:
+            continue
+        for order, name, concept in readable:
+            if order.id and active.id == order.id:
+                continue
+            match = duplicate_therapy(concept, active_concept)
+            if match is not None:
+                cards.append(_duplicate_card(name, order, medication_text(active, medications), match))
     return cards

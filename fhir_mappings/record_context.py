@@ -98,9 +98,12 @@ def _observation_value(observation: Any) -> str:
 def patient_line(patient: Any, today: date) -> str:
     """Return the patient's sex and age, nothing that identifies them."""
     age = ""
-    if patient.birthDate:
-        born = patient.birthDate
-        age = f", {today.year - born.year - ((today.month, today.day) < (born.month, born.day))} years old"
+    born = as_instant(patient.birthDate)
+    if born is not None:
+        years = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+        # A partial birth date ("1970", "1970-06") gives the age to within a year.
+        about = "about " if len(str(patient.birthDate).strip()) < 10 else ""
+        age = f", {about}{years} years old"
     return f"Patient: {patient.gender or 'unknown sex'}{age}"
 
 

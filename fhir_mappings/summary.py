@@ -6,11 +6,11 @@ from typing import Any
 
 from cds_service.wire import Card
 from cds_service.wire import Source
+from fhir_mappings.markdown import markdown_list
 from fhir_mappings.record import active_allergies
 from fhir_mappings.record import active_conditions
 from fhir_mappings.record import active_medication_requests
 from fhir_mappings.record import concept_text
-from fhir_mappings.record import markdown_list
 from fhir_mappings.record import medication_concept
 
 RULES_SOURCE = Source(label="MedGemma CDS rules")

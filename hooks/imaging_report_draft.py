@@ -8,6 +8,7 @@ from cds_service.wire import Card
 from cds_service.wire import HookCall
 from cds_service.wire import HookResponse
 from cds_service.wire import JobRecord
+from fhir_mappings.ai_cards import guarded_ai_cards
 from fhir_mappings.ai_cards import job_cards
 from fhir_mappings.images import ImageRejected
 from fhir_mappings.imaging import describe_source
@@ -38,22 +39,26 @@ def imaging_report_draft(call: HookCall) -> HookResponse:
     p = call.prefetch
     sources, studies_without_image = imaging_worklist(p["studies"], p["media"], p["documents"], p["reports"])
     cards = [no_image_card(study) for study in studies_without_image]
-    if not sources or call.jobs is None or call.images is None or call.drafts is None:
-        return HookResponse(cards=cards)
-    source, drafts = sources[0], call.drafts
-    try:
-        image = call.images.load(source.content_type, source.data_b64, source.url)
-    except ImageRejected as rejected:
-        return HookResponse(cards=cards + [unreadable_image_card(source, str(rejected))])
-    evidence = [ref for ref in (source.resource, source.study) if ref]
-    job = call.jobs.request(
-        "imaging-read", "image", SYSTEM_PROMPT, imaging_prompt(describe_source(source, p["studies"])),
-        evidence=evidence, input_hashes=[image.content_hash], images_b64=[image.png_b64],
-    )  # fmt: skip
 
-    def draft_card(finished: JobRecord) -> Card | None:
-        output = ImagingReadOutput.model_validate(finished.result)
-        draft = drafts.record(finished, image, source.study, source.resource, evidence)
-        return imaging_draft_card(output, finished, draft)
+    def ai_cards() -> list[Card]:
+        if not sources or call.jobs is None or call.images is None or call.drafts is None:
+            return []
+        source, drafts = sources[0], call.drafts
+        try:
+            image = call.images.load(source.content_type, source.data_b64, source.url)
+        except ImageRejected as rejected:
+            return [unreadable_image_card(source, str(rejected))]
+        evidence = [ref for ref in (source.resource, source.study) if ref]
+        job = call.jobs.request(
+            "imaging-read", "image", SYSTEM_PROMPT, imaging_prompt(describe_source(source, p["studies"])),
+            evidence=evidence, input_hashes=[image.content_hash], images_b64=[image.png_b64],
+        )  # fmt: skip
 
-    return HookResponse(cards=cards + job_cards(job, "Imaging report draft", call.jobs.job_url, draft_card))
+        def draft_card(finished: JobRecord) -> Card | None:
+            output = ImagingReadOutput.model_validate(finished.result)
+            draft = drafts.record(finished, image, source.study, source.resource, evidence)
+            return imaging_draft_card(output, finished, draft)
+
+        return job_cards(job, "Imaging report draft", call.jobs.job_url, draft_card)
+
+    return HookResponse(cards=cards + guarded_ai_cards(call.service_id, ai_cards))

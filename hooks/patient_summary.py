@@ -9,8 +9,10 @@ from datetime import date
 
 from cds_service.registry import Prefetch
 from cds_service.registry import service
+from cds_service.wire import Card
 from cds_service.wire import HookCall
 from cds_service.wire import HookResponse
+from fhir_mappings.ai_cards import guarded_ai_cards
 from fhir_mappings.ai_cards import summary_job_cards
 from fhir_mappings.prompts import SYSTEM_PROMPT
 from fhir_mappings.prompts import summary_prompt
@@ -39,15 +41,18 @@ def patient_summary(call: HookCall) -> HookResponse:
     """Answer the rule summary card, and the AI summary card when ready (a "running" card until then)."""
     p = call.prefetch
     cards = summary_cards(p["patient"], p["conditions"], p["medications"], p["allergies"])
-    if call.jobs is None or p["patient"] is None:
-        return HookResponse(cards=cards)
-    record = record_context(
-        p["patient"], p["conditions"], p["medications"], p["allergies"], p["observations"],
-        token_budget=CONTEXT_TOKENS, today=date.today(), content_hashes=call.content_hashes,
-    )  # fmt: skip
-    job = call.jobs.request(
-        "patient-summary", "text", SYSTEM_PROMPT, summary_prompt(record.text),
-        evidence=record.evidence, input_hashes=record.input_hashes,
-    )  # fmt: skip
-    ai_cards = summary_job_cards(job, record.evidence, call.request.fhir_server, call.jobs.job_url)
-    return HookResponse(cards=cards + ai_cards)
+
+    def ai_cards() -> list[Card]:
+        if call.jobs is None or p["patient"] is None:
+            return []
+        record = record_context(
+            p["patient"], p["conditions"], p["medications"], p["allergies"], p["observations"],
+            token_budget=CONTEXT_TOKENS, today=date.today(), content_hashes=call.content_hashes,
+        )  # fmt: skip
+        job = call.jobs.request(
+            "patient-summary", "text", SYSTEM_PROMPT, summary_prompt(record.text),
+            evidence=record.evidence, input_hashes=record.input_hashes,
+        )  # fmt: skip
+        return summary_job_cards(job, record.evidence, call.request.fhir_server, call.jobs.job_url)
+
+    return HookResponse(cards=cards + guarded_ai_cards(call.service_id, ai_cards))

@@ -1,4 +1,4 @@
-"""Fixtures for the mapping tests: the shipped Synthea charts as fhir.resources objects, and builders.
+"""Fixtures for the mapping tests: the shipped Synthea charts as read models, and builders.
 
 The sample files are transaction Bundles whose entries already carry ids (their ``urn:uuid`` full URLs
 name the same ids), so a chart's resources are read as they are and regrouped into searchset Bundles,
@@ -15,21 +15,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fhir.resources.R4B import get_fhir_model_class
+
+from fhir_mappings.read_models import read_resource
 
 SAMPLE = Path(__file__).resolve().parents[2] / "cds_service" / "data" / "sample"
 
 
 def parse(data: dict[str, Any]) -> Any:
-    """Return the fhir.resources R4B object of a resource dict (validated as prefetch is)."""
-    return get_fhir_model_class(data["resourceType"]).model_validate(data)
+    """Return the read model of a resource dict (read as prefetch is)."""
+    return read_resource(data)
 
 
 def searchset(resources: Iterable[Any]) -> Any:
     """Return a searchset Bundle of resources (objects or dicts), each entry with a server-style fullUrl."""
     entries = []
     for resource in resources:
-        data = resource if isinstance(resource, dict) else resource.model_dump(mode="json", exclude_none=True)
+        data = (
+            resource
+            if isinstance(resource, dict)
+            else resource.model_dump(mode="json", exclude_defaults=True)
+        )
         entries.append(
             {"fullUrl": f"http://fhir.test/fhir/{data['resourceType']}/{data['id']}", "resource": data}
         )
@@ -80,7 +85,7 @@ def louis() -> Chart:
 
 @pytest.fixture(scope="session")
 def fhir() -> Callable[[dict[str, Any]], Any]:
-    """Parse a resource dict into its fhir.resources R4B object."""
+    """Read a resource dict into its read model."""
     return parse
 
 

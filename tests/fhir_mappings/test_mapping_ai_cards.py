@@ -16,6 +16,7 @@ from fhir_mappings.ai_cards import MAX_EVIDENCE_LINKS
 from fhir_mappings.ai_cards import cited_evidence
 from fhir_mappings.ai_cards import evidence_links
 from fhir_mappings.ai_cards import job_cards
+from fhir_mappings.ai_cards import model_display_name
 from fhir_mappings.ai_cards import model_source
 from fhir_mappings.ai_cards import summary_ai_card
 from fhir_mappings.ai_cards import summary_job_cards
@@ -75,9 +76,24 @@ def test_evidence_links_need_a_fhir_server_and_are_capped() -> None:
 
 
 def test_model_source_names_model_and_version() -> None:
-    assert model_source(_job("done")) == Source(label="MedGemma AI draft: google/medgemma-4b-it (rev-abc123)")
+    assert model_source(_job("done")) == Source(label="MedGemma AI draft: MedGemma 4B (rev-abc123)")
     assert model_source(_job("done", model=None, model_version=None)).label == "MedGemma AI draft: model"
     assert len(model_source(_job("done", model="m" * 500)).label) == 200
+
+
+@pytest.mark.parametrize(
+    ("configured", "shown"),
+    [
+        ("google/medgemma-27b-text-it", "MedGemma 27B (text)"),
+        ("my-org/medgemma-4b-finetune", "my-org/medgemma-4b-finetune"),
+        ("/srv/models/medgemma-4b-local/", "medgemma-4b-local"),
+        ("/root/.cache/medgemma-cds/tiny-gemma3", "tiny-gemma3"),
+        ("C:\\models\\medgemma", "medgemma"),
+    ],
+)
+def test_model_is_named_as_people_know_it_never_by_its_path(configured: str, shown: str) -> None:
+    assert model_display_name(configured) == shown
+    assert "/srv" not in model_source(_job("done", model=configured)).label
 
 
 def test_summary_ai_card_is_a_marked_draft_citing_only_offered_evidence() -> None:
@@ -88,7 +104,7 @@ def test_summary_ai_card_is_a_marked_draft_citing_only_offered_evidence() -> Non
     Card.model_validate(body)
     assert body["summary"] == "AI pre-visit summary (draft, needs clinician review)"
     assert body["indicator"] == "info"
-    assert body["source"]["label"] == "MedGemma AI draft: google/medgemma-4b-it (rev-abc123)"
+    assert body["source"]["label"] == "MedGemma AI draft: MedGemma 4B (rev-abc123)"
     assert body["detail"].startswith(SUMMARY["summary"])
     assert body["detail"].endswith(AI_DISCLAIMER)
     assert "**Key problems**\n\n- Hypertension" in body["detail"]

@@ -240,7 +240,7 @@ def test_imaging_draft_card(urgency: str, indicator: str) -> None:
     Card.model_validate(body)
     assert body["summary"] == f"AI draft imaging report ready for review ({urgency})"
     assert body["indicator"] == indicator
-    assert body["source"]["label"] == "MedGemma AI draft: google/medgemma-4b-it (rev-abc123)"
+    assert body["source"]["label"] == "MedGemma AI draft: MedGemma 4B (rev-abc123)"
     assert "**Impression (AI draft):** Findings concerning for pneumonia." in body["detail"]
     assert "**Findings (AI draft):** Right lower lobe opacity." in body["detail"]
     assert "requires clinician review" in body["detail"]

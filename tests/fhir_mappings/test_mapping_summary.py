@@ -6,12 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from cds_service.wire import Card
+from fhir_mappings.markdown import markdown_list
 from fhir_mappings.record import active_allergies
 from fhir_mappings.record import active_conditions
 from fhir_mappings.record import active_medication_requests
 from fhir_mappings.record import bundle_resources
 from fhir_mappings.record import concept_text
-from fhir_mappings.record import markdown_list
 from fhir_mappings.summary import summary_cards
 
 

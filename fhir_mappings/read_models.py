@@ -1,0 +1,394 @@
+"""Lean, tolerant read models of inbound FHIR R4: only the elements our handlers read.
+
+Inbound FHIR (prefetch, ``draftOrders``, reads from ``fhirServer``) is read the way HAPI's lenient parser
+reads it: unknown elements are ignored, a single value where a list belongs is wrapped, a list where a single
+value belongs gives its first item, and an element that can't be read (wrong JSON type, a code that is not a
+string) is dropped as if absent. Every such repair is counted by kind in the ``tolerated`` Counter passed to
+:func:`read_resource`, so ``/metrics`` can show how far clients stray from R4 without logging any content.
+Dates stay strings: a partial date such as ``"1970"`` is valid FHIR and must never crash a reader.
+
+What we write (DiagnosticReport, Provenance) is built strictly with fhir.resources in ``reports.py``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from decimal import Decimal
+from typing import Annotated
+from typing import Any
+from typing import TypeVar
+
+from pydantic import AfterValidator
+from pydantic import BaseModel
+from pydantic import BeforeValidator
+from pydantic import ConfigDict
+from pydantic import ValidationError
+from pydantic import ValidationInfo
+from pydantic import ValidatorFunctionWrapHandler
+from pydantic import WrapValidator
+from typing_extensions import TypeAliasType
+
+#: Kinds of repair counted while reading (the ``kind`` label of the metric).
+SINGLE_AS_LIST = "single-value-as-list"
+LIST_AS_SINGLE = "list-as-single-value"
+INVALID_DROPPED = "invalid-element-dropped"
+NUMBER_AS_STRING = "number-as-string"
+UNKNOWN_RESOURCE_TYPE = "unknown-resource-type"
+
+T = TypeVar("T")
+
+
+def _note(info: ValidationInfo, kind: str) -> None:
+    if isinstance(info.context, dict) and isinstance(info.context.get("tolerated"), Counter):
+        info.context["tolerated"][kind] += 1
+
+
+def _as_list(value: Any, info: ValidationInfo) -> Any:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _note(info, SINGLE_AS_LIST)
+        return [value]
+    return value
+
+
+def _first(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, list):
+        _note(info, LIST_AS_SINGLE)
+        return value[0] if value else None
+    return value
+
+
+def _or_none(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+    # An unreadable element is dropped, not fatal: the reader sees it as absent (HAPI's lenient parsing).
+    try:
+        return handler(value)
+    except ValidationError:
+        _note(info, INVALID_DROPPED)
+        return None
+
+
+def _number_as_text(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        _note(info, NUMBER_AS_STRING)
+        return str(value)
+    return value
+
+
+def _without_none(items: list[Any]) -> list[Any]:
+    return [item for item in items if item is not None]
+
+
+#: Zero or more values: a single value is wrapped, unreadable items are dropped, absent is ``[]``.
+Many = TypeAliasType(
+    "Many",
+    Annotated[
+        list[Annotated[T | None, WrapValidator(_or_none)]],
+        BeforeValidator(_as_list),
+        AfterValidator(_without_none),
+    ],
+    type_params=(T,),
+)
+#: At most one value: a list gives its first item, an unreadable value is None.
+One = TypeAliasType(
+    "One", Annotated[T | None, WrapValidator(_or_none), BeforeValidator(_first)], type_params=(T,)
+)
+#: A FHIR string-like primitive (string, code, uri, id, date, dateTime, instant): a number is read as text.
+Text = Annotated[
+    str | None, WrapValidator(_or_none), BeforeValidator(_number_as_text), BeforeValidator(_first)
+]
+
+
+class Element(BaseModel):
+    """Base of every read model: unknown elements ignored, missing ones None."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=False)
+
+
+class Coding(Element):
+    """A FHIR Coding."""
+
+    system: Text = None
+    code: Text = None
+    display: Text = None
+
+
+class CodeableConcept(Element):
+    """A FHIR CodeableConcept: every coding and the text."""
+
+    coding: Many[Coding] = []
+    text: Text = None
+
+
+class Reference(Element):
+    """A FHIR Reference (literal reference and display)."""
+
+    reference: Text = None
+    display: Text = None
+
+
+class Period(Element):
+    """A FHIR Period."""
+
+    start: Text = None
+    end: Text = None
+
+
+class Quantity(Element):
+    """A FHIR Quantity."""
+
+    value: One[Decimal] = None
+    unit: Text = None
+    code: Text = None
+
+
+class Attachment(Element):
+    """A FHIR Attachment: inline base64 ``data`` or a ``url``."""
+
+    contentType: Text = None
+    data: Text = None
+    url: Text = None
+    title: Text = None
+
+
+class HumanName(Element):
+    """A FHIR HumanName."""
+
+    text: Text = None
+    family: Text = None
+    given: Many[str] = []
+
+
+class Dosage(Element):
+    """A FHIR Dosage (its text is what a reviewer and the model read)."""
+
+    text: Text = None
+
+
+def _resource_or_none(value: Any, info: ValidationInfo) -> Any:
+    context = info.context if isinstance(info.context, dict) else {}
+    try:
+        return read_resource(value, context.get("tolerated"))
+    except ValueError:
+        _note(info, INVALID_DROPPED)
+        return None
+
+
+class Resource(Element):
+    """Any FHIR resource: its type and id (types we don't read are kept as this)."""
+
+    resourceType: str
+    id: Text = None
+    # Contained resources are read by their own type (a MedicationRequest's contained Medication).
+    contained: Many[Annotated[Any, BeforeValidator(_resource_or_none)]] = []
+
+    def get_resource_type(self) -> str:
+        """Return the resourceType (the name fhir.resources uses too)."""
+        return self.resourceType
+
+
+class Patient(Resource):
+    """Patient: what a card, a prompt and the review page show (sex, birth date, name)."""
+
+    gender: Text = None
+    birthDate: Text = None
+    name: Many[HumanName] = []
+
+
+class Condition(Resource):
+    """Condition: an active problem."""
+
+    clinicalStatus: One[CodeableConcept] = None
+    verificationStatus: One[CodeableConcept] = None
+    code: One[CodeableConcept] = None
+    onsetDateTime: Text = None
+    recordedDate: Text = None
+
+
+class MedicationIngredient(Element):
+    """Medication.ingredient: what a product contains."""
+
+    itemCodeableConcept: One[CodeableConcept] = None
+    itemReference: One[Reference] = None
+
+
+class Medication(Resource):
+    """Medication: the product a request may reference instead of naming a concept."""
+
+    code: One[CodeableConcept] = None
+    ingredient: Many[MedicationIngredient] = []
+
+
+class MedicationRequest(Resource):
+    """MedicationRequest: a draft order or an active prescription."""
+
+    status: Text = None
+    intent: Text = None
+    medicationCodeableConcept: One[CodeableConcept] = None
+    medicationReference: One[Reference] = None
+    authoredOn: Text = None
+    dosageInstruction: Many[Dosage] = []
+
+
+class AllergyReaction(Element):
+    """AllergyIntolerance.reaction: a substance may be named here rather than in ``code``."""
+
+    substance: One[CodeableConcept] = None
+    manifestation: Many[CodeableConcept] = []
+
+
+class AllergyIntolerance(Resource):
+    """AllergyIntolerance: the substance, how critical, whether active."""
+
+    clinicalStatus: One[CodeableConcept] = None
+    verificationStatus: One[CodeableConcept] = None
+    criticality: Text = None
+    category: Many[str] = []
+    code: One[CodeableConcept] = None
+    reaction: Many[AllergyReaction] = []
+
+
+class ObservationComponent(Element):
+    """Observation.component (blood pressure's systolic and diastolic)."""
+
+    code: One[CodeableConcept] = None
+    valueQuantity: One[Quantity] = None
+
+
+class Observation(Resource):
+    """Observation: a lab or a vital sign."""
+
+    status: Text = None
+    code: One[CodeableConcept] = None
+    effectiveDateTime: Text = None
+    effectiveInstant: Text = None
+    effectivePeriod: One[Period] = None
+    issued: Text = None
+    valueQuantity: One[Quantity] = None
+    valueCodeableConcept: One[CodeableConcept] = None
+    valueString: Text = None
+    component: Many[ObservationComponent] = []
+
+
+class ImagingSeries(Element):
+    """ImagingStudy.series: modality and body site."""
+
+    modality: One[Coding] = None
+    bodySite: One[Coding] = None
+
+
+class ImagingStudy(Resource):
+    """ImagingStudy: a study that may need a report."""
+
+    status: Text = None
+    started: Text = None
+    series: Many[ImagingSeries] = []
+
+
+class Media(Resource):
+    """Media (R4): an image attachment, possibly part of an ImagingStudy."""
+
+    status: Text = None
+    content: One[Attachment] = None
+    partOf: Many[Reference] = []
+    createdDateTime: Text = None
+    issued: Text = None
+
+
+class DocumentContent(Element):
+    """DocumentReference.content."""
+
+    attachment: One[Attachment] = None
+
+
+class DocumentContext(Element):
+    """DocumentReference.context: ``related`` may name the ImagingStudy."""
+
+    related: Many[Reference] = []
+
+
+class DocumentReference(Resource):
+    """DocumentReference: a document whose attachment may be an image."""
+
+    status: Text = None
+    date: Text = None
+    content: Many[DocumentContent] = []
+    context: One[DocumentContext] = None
+
+
+class DiagnosticReportMedia(Element):
+    """DiagnosticReport.media."""
+
+    link: One[Reference] = None
+
+
+class DiagnosticReport(Resource):
+    """DiagnosticReport: a report covering studies and images."""
+
+    status: Text = None
+    code: One[CodeableConcept] = None
+    imagingStudy: Many[Reference] = []
+    media: Many[DiagnosticReportMedia] = []
+
+
+class BundleSearch(Element):
+    """Bundle.entry.search: ``mode`` tells a match from an included resource or an outcome."""
+
+    mode: Text = None
+
+
+class BundleEntry(Element):
+    """Bundle.entry: the resource, read by its own type."""
+
+    fullUrl: Text = None
+    resource: Annotated[Any, BeforeValidator(_resource_or_none)] = None
+    search: One[BundleSearch] = None
+
+
+class Bundle(Resource):
+    """Bundle: a search answer or the ``draftOrders`` of an order hook (whose ``type`` clients omit)."""
+
+    type: Text = None
+    total: One[int] = None
+    entry: Many[BundleEntry] = []
+
+
+READ_MODELS: dict[str, type[Resource]] = {
+    model.__name__: model
+    for model in (
+        Patient,
+        Condition,
+        Medication,
+        MedicationRequest,
+        AllergyIntolerance,
+        Observation,
+        ImagingStudy,
+        Media,
+        DocumentReference,
+        DiagnosticReport,
+        Bundle,
+    )
+}
+
+
+def read_resource(data: Any, tolerated: Counter[str] | None = None) -> Resource:
+    """Return the read model of a resource's JSON; ValueError only when it is not a FHIR resource at all.
+
+    ``tolerated`` (if given) counts each repair made while reading, by kind.
+    """
+    if isinstance(data, Resource):
+        return data
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("resourceType"), str)
+        or not data["resourceType"]
+    ):
+        raise ValueError("not a FHIR resource (no resourceType)")
+    if not data["resourceType"].isalpha():
+        raise ValueError("not a FHIR resource (resourceType is not a type name)")
+    model = READ_MODELS.get(data["resourceType"])
+    if model is None:
+        if tolerated is not None:
+            tolerated[UNKNOWN_RESOURCE_TYPE] += 1
+        model = Resource
+    return model.model_validate(data, context={"tolerated": tolerated})
