@@ -28,6 +28,7 @@ from fhir_mappings.record import active_allergies
 from fhir_mappings.record import active_medication_requests
 from fhir_mappings.record import bundle_resources
 from fhir_mappings.record import concept_text
+from fhir_mappings.record import incomplete_list
 from fhir_mappings.record import medication_text
 from fhir_mappings.record import reference
 from fhir_mappings.record import resolve_medication
@@ -261,6 +262,12 @@ def order_check_cards(
 
 def _allergy_cards(readable: list[tuple[Any, str, DrugConcept]], allergies: Any) -> list[Card]:
     cards: list[Card] = []
+    incomplete = incomplete_list(allergies)
+    if incomplete:
+        names = ", ".join(name for _, name, _ in readable)
+        cards.append(
+            not_checked_card(names, "every recorded allergy", f"the allergy list is incomplete: {incomplete}")
+        )
     for allergy in active_allergies(allergies):
         substance = allergy_substance(allergy)
         if substance is None:

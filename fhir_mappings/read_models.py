@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from pydantic import ValidationInfo
 from pydantic import ValidatorFunctionWrapHandler
 from pydantic import WrapValidator
+from pydantic import model_validator
 from typing_extensions import TypeAliasType
 
 #: Kinds of repair counted while reading (the ``kind`` label of the metric).
@@ -331,6 +332,19 @@ class DiagnosticReport(Resource):
     media: Many[DiagnosticReportMedia] = []
 
 
+class OperationOutcomeIssue(Element):
+    """OperationOutcome.issue: how bad, and what."""
+
+    severity: Text = None
+    code: Text = None
+
+
+class OperationOutcome(Resource):
+    """OperationOutcome: in a search Bundle (search mode ``outcome``) it can say the answer is incomplete."""
+
+    issue: Many[OperationOutcomeIssue] = []
+
+
 class BundleSearch(Element):
     """Bundle.entry.search: ``mode`` tells a match from an included resource or an outcome."""
 
@@ -338,11 +352,23 @@ class BundleSearch(Element):
 
 
 class BundleEntry(Element):
-    """Bundle.entry: the resource, read by its own type."""
+    """Bundle.entry: the resource, read by its own type.
+
+    ``unreadable`` marks an entry whose resource is there but is not a FHIR resource at all, so a safety
+    check can say that part of a list could not be read.
+    """
 
     fullUrl: Text = None
     resource: Annotated[Any, BeforeValidator(_resource_or_none)] = None
     search: One[BundleSearch] = None
+    unreadable: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mark_unreadable(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("resource") is not None and not is_resource(data["resource"]):
+            return {**data, "unreadable": True}
+        return data
 
 
 class Bundle(Resource):
@@ -366,9 +392,19 @@ READ_MODELS: dict[str, type[Resource]] = {
         Media,
         DocumentReference,
         DiagnosticReport,
+        OperationOutcome,
         Bundle,
     )
 }
+
+
+def is_resource(data: Any) -> bool:
+    """Return True when JSON is a FHIR resource at all: an object with a type name as resourceType."""
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("resourceType"), str)
+        and data["resourceType"].isalpha()
+    )
 
 
 def read_resource(data: Any, tolerated: Counter[str] | None = None) -> Resource:

@@ -41,6 +41,24 @@ def bundle_resources(bundle: Any, resource_type: str) -> list[Any]:
     ]
 
 
+def incomplete_list(bundle: Any) -> str | None:
+    """Return why a search Bundle can't be taken as the whole list, or None when nothing says so.
+
+    Entries that are not FHIR resources were lost in reading; an OperationOutcome with an error or fatal
+    issue is the server saying the search failed (a warning, such as Epic's "may not contain the entire
+    record", is not taken as a failure).
+    """
+    if bundle is None or bundle.get_resource_type() != "Bundle":
+        return None
+    unreadable = sum(1 for entry in bundle.entry if entry.unreadable)
+    if unreadable:
+        return f"{unreadable} entr{'y' if unreadable == 1 else 'ies'} of it could not be read"
+    for outcome in bundle_resources(bundle, "OperationOutcome"):
+        if any((issue.severity or "").lower() in ("error", "fatal") for issue in outcome.issue):
+            return "the FHIR server answered the search with an error"
+    return None
+
+
 def concept_text(concept: Any) -> str:
     """Return the human text of a CodeableConcept: its text, else the first coding's display or code."""
     if concept is None:

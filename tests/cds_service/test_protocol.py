@@ -217,10 +217,23 @@ def test_redis_down_still_answers_rule_cards_within_budget(settings, issuer, hoo
     from cds_service.app import create_app
 
     app = create_app(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    penicillin_allergy = {
+        "resourceType": "AllergyIntolerance",
+        "id": "a1",
+        "criticality": "high",
+        "code": {"text": "Penicillin"},
+    }
     body = hook_body(
         "order-select",
         "p1",
-        prefetch={"allergies": None, "medications": None},
+        prefetch={
+            "allergies": {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "entry": [{"resource": penicillin_allergy}],
+            },
+            "medications": None,
+        },
     )
     body["context"] |= {
         "selections": ["MedicationRequest/d1"],
@@ -234,7 +247,7 @@ def test_redis_down_still_answers_rule_cards_within_budget(settings, issuer, hoo
                         "id": "d1",
                         "status": "draft",
                         "intent": "order",
-                        "medicationCodeableConcept": {"text": "Amlodipine 5 MG"},
+                        "medicationCodeableConcept": {"text": "Amoxicillin 500 MG Oral Capsule"},
                         "subject": {"reference": "Patient/p1"},
                     }
                 }
@@ -247,6 +260,9 @@ def test_redis_down_still_answers_rule_cards_within_budget(settings, issuer, hoo
     )
     elapsed = time.perf_counter() - started
     assert response.status_code == 200, response.json
-    assert response.json == {"cards": []}
+    # The rules need no Redis: the allergy card is there; the AI card, which does, is not.
+    (card,) = response.json["cards"]
+    assert card["indicator"] == "critical"
+    assert card["summary"].startswith("Allergy conflict: Amoxicillin 500 MG Oral Capsule")
     # Not a benchmark: only that a dead Redis doesn't make the hook hang past its budget.
     assert elapsed < settings.hook_budget_ms / 1000 + 3
