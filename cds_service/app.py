@@ -27,6 +27,7 @@ from cds_service.registry import Registry
 from cds_service.registry import load_registry
 from cds_service.settings import Settings
 from cds_service.store import Store
+from fhir_mappings.drugs import preload as preload_drug_vocabulary
 from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         # The task id is the job id, so Celery's own bookkeeping lines up with the job record.
         celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUES[role])
 
+    # The drug vocabulary loads once per process here, not on the first clinician's order.
+    preload_drug_vocabulary()
     app.extensions["cds"] = Services(
         settings=settings,
         registry=load_registry(),

@@ -167,12 +167,18 @@ def resolve_prefetch(
     unavailable: dict[str, str] = {}
     tolerated: Counter[str] = Counter()
 
-    def accept(key: str, parsed: ParsedValue) -> None:
+    def accept(key: str, parsed: ParsedValue, fetched: bool) -> None:
         tolerated.update(parsed.tolerated)
         try:
             resolved[key] = fit_to_type(parsed.resource, answer_type(declared[key].query), tolerated)
         except ValueError as exc:
             tolerated["prefetch-of-wrong-type"] += 1
+            if declared[key].failure_mode == "fail":
+                # A server answering a read with something else is broken (502); an EHR that sent it
+                # leaves data the service needs unavailable (412).
+                if fetched:
+                    raise UpstreamError(f"FHIR server failed reading prefetch '{key}': {exc}") from None
+                raise PrefetchFailed(key, str(exc)) from None
             resolved[key] = None
             unavailable[key] = str(exc)
             return
@@ -187,7 +193,7 @@ def resolve_prefetch(
                 parsed = cache.parse(sent[key])  # type: ignore[arg-type]
             except ValueError as exc:
                 raise BadRequest(f"prefetch '{key}' is not a FHIR resource: {exc}") from None
-            accept(key, parsed)
+            accept(key, parsed, fetched=False)
     values = token_values(context)
     to_fetch: dict[str, str] = {}
     for key, prefetch in declared.items():
@@ -217,7 +223,7 @@ def resolve_prefetch(
                 parsed = cache.parse(data)
             except ValueError as exc:
                 raise FhirReadError("invalid", f"FHIR server sent something else than FHIR: {exc}") from None
-            accept(key, parsed)
+            accept(key, parsed, fetched=True)
         except FhirReadError as exc:
             if declared[key].failure_mode == "omit":
                 resolved[key] = None

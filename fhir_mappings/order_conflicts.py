@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
+from typing import Literal
 
 from cds_service.wire import Action
 from cds_service.wire import Card
@@ -24,6 +25,7 @@ from fhir_mappings.drugs import duplicate_therapy
 from fhir_mappings.drugs import identify
 from fhir_mappings.markdown import md_text
 from fhir_mappings.markdown import plain_text
+from fhir_mappings.read_models import read_resource
 from fhir_mappings.record import active_allergies
 from fhir_mappings.record import active_medication_requests
 from fhir_mappings.record import bundle_resources
@@ -104,9 +106,10 @@ def ordered_drug(order: Any, draft_orders: Any) -> tuple[DrugConcept | None, str
 
 
 def allergy_substance(allergy: Any) -> DrugConcept | None:
-    """Return the substance of an AllergyIntolerance (``code`` and each reaction's ``substance``), or None."""
+    """Return the substance of an AllergyIntolerance (``code`` and each reaction's ``substance``), or None
+    when it names none (no text and no coding)."""
     concept = drug_concept([allergy.code] + [r.substance for r in allergy.reaction])
-    return concept if _checkable(concept) else None
+    return concept if concept.texts or concept.codings else None
 
 
 def medication_orders(draft_orders: Any, selections: list[str] | None) -> tuple[list[Any], list[str]]:
@@ -262,23 +265,27 @@ def order_check_cards(
 
 def _allergy_cards(readable: list[tuple[Any, str, DrugConcept]], allergies: Any) -> list[Card]:
     cards: list[Card] = []
+    names = ", ".join(name for _, name, _ in readable)
     incomplete = incomplete_list(allergies)
     if incomplete:
-        names = ", ".join(name for _, name, _ in readable)
-        cards.append(
-            not_checked_card(names, "every recorded allergy", f"the allergy list is incomplete: {incomplete}")
-        )
+        why = f"the allergy list is incomplete: {incomplete}"
+        cards.append(not_checked_card(names, "every recorded allergy", why))
     for allergy in active_allergies(allergies):
+        label = reference(allergy) if allergy.id else "an allergy"
         substance = allergy_substance(allergy)
         if substance is None:
-            label = reference(allergy) if allergy.id else "an allergy"
-            names = ", ".join(name for _, name, _ in readable)
             cards.append(not_checked_card(names, label, "the allergy record names no substance"))
             continue
+        matched = False
         for order, name, concept in readable:
             match = allergy_conflict(concept, substance)
             if match is not None:
+                matched = True
                 cards.append(_allergy_card(name, order, allergy, match))
+        if not matched and not _checkable(substance):
+            # Only codes this service doesn't know: an identical code would have matched, a related one can't.
+            why = "the allergy names its substance only by codes this service does not know"
+            cards.append(not_checked_card(names, label, why))
     return cards
 
 
@@ -295,3 +302,26 @@ def _duplicate_cards(readable: list[tuple[Any, str, DrugConcept]], medications: 
             if match is not None:
                 cards.append(_duplicate_card(name, order, medication_text(active, medications), match))
     return cards
+
+
+def rule_flags(kind: Literal["allergy", "duplicate"], ordered: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Return whether the rule cards flag an order (its medication CodeableConcept JSON) against ``other``:
+    an allergy's substance concept (``allergy``) or an active medication's concept (``duplicate``).
+
+    The whole card path runs, from JSON through the read models; the labelled set is scored with this.
+    """
+    order = {"resourceType": "MedicationRequest", "id": "order", "medicationCodeableConcept": ordered}
+    drafts = read_resource({"resourceType": "Bundle", "entry": [{"resource": order}]})
+    if kind == "allergy":
+        allergy = {"resourceType": "AllergyIntolerance", "id": "other", "code": other}
+        listed = read_resource({"resourceType": "Bundle", "entry": [{"resource": allergy}]})
+        cards = order_check_cards(drafts, [f"MedicationRequest/{order['id']}"], listed, None, {})
+        wanted = {"allergy-conflict", "cross-reactivity"}
+    else:
+        active = {"resourceType": "MedicationRequest", "id": "other", "status": "active"}
+        listed = read_resource(
+            {"resourceType": "Bundle", "entry": [{"resource": active | {"medicationCodeableConcept": other}}]}
+        )
+        cards = order_check_cards(drafts, [f"MedicationRequest/{order['id']}"], None, listed, {})
+        wanted = {"duplicate-therapy"}
+    return any(c.source.topic is not None and c.source.topic.code in wanted for c in cards)

@@ -128,11 +128,23 @@ def test_fhir_authorization_without_fhir_server_is_400(client, issuer, hook_body
     assert "t0k" not in response.get_data(as_text=True)
 
 
-def test_malformed_prefetch_resource_is_400_naming_the_key(client, issuer, hook_body) -> None:
-    body = hook_body("patient-view", "p1", prefetch={"patient": {"resourceType": "Patient", "gender": 7}})
+def test_prefetch_that_is_not_a_resource_is_400_naming_the_key(client, issuer, hook_body) -> None:
+    body = hook_body("patient-view", "p1", prefetch={"patient": {"gender": "female"}})
     response = client.post(SUMMARY, json=body, headers=issuer.headers(SUMMARY))
     assert response.status_code == 400
-    assert "prefetch 'patient'" in response.json["message"]
+    assert response.json["message"].startswith("prefetch 'patient' is not a FHIR resource")
+
+
+def test_a_malformed_element_in_prefetch_is_read_tolerantly(client, issuer, hook_body) -> None:
+    # gender as a number is invalid R4; the element is dropped, the chart still gets its summary card.
+    empty = {"resourceType": "Bundle", "type": "searchset"}
+    prefetch = {"patient": {"resourceType": "Patient", "id": "p1", "gender": 7}, "conditions": empty}
+    prefetch |= {"medications": empty, "allergies": empty, "observations": None}
+    response = client.post(
+        SUMMARY, json=hook_body("patient-view", "p1", prefetch=prefetch), headers=issuer.headers(SUMMARY)
+    )
+    assert response.status_code == 200, response.json
+    assert response.json["cards"][0]["summary"] == "0 active problems, 0 active medications, 0 allergies"
 
 
 def test_missing_jwt_is_bare_401(client, hook_body) -> None:

@@ -67,7 +67,7 @@ def _card(output: OrderReviewOutput, selected: list[str], flagged: set[str]) -> 
         return None
     body = card.wire()
     Card.model_validate(body)
-    assert body["source"]["label"] == "MedGemma AI draft: google/medgemma-27b-text-it (rev-9)"
+    assert body["source"]["label"] == "MedGemma AI draft: MedGemma 27B (text) (rev-9)"
     assert "requires clinician review" in body["detail"]
     return body
 

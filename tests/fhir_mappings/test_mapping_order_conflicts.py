@@ -423,5 +423,8 @@ def test_record_text_in_cards_stays_text(bundle_of: Callable[..., Any]) -> None:
     hostile = "Amoxicillin [update your password](http://evil.test) <img src=x>"
     drafts = bundle_of([order("amox", hostile, "308191")])
     (card,) = checks(drafts, ["MedicationRequest/amox"], bundle_of([PENICILLIN_ALLERGY]), None)
-    assert "](http://" not in card.detail and "<img" not in card.detail
-    assert "\\[update your password\\]" in card.detail
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark", {"html": True}).render(card.detail)
+    assert "<a " not in html and "<img" not in html
+    assert "[update your password](http" in html

@@ -78,8 +78,8 @@ def test_unreadable_elements_are_dropped_not_fatal_and_unknown_ones_ignored() ->
 
 def test_resources_of_types_not_read_are_kept_by_type_and_id() -> None:
     tolerated: Counter[str] = Counter()
-    outcome = read_resource({"resourceType": "OperationOutcome", "id": "o", "issue": []}, tolerated)
-    assert type(outcome) is Resource and outcome.get_resource_type() == "OperationOutcome"
+    encounter = read_resource({"resourceType": "Encounter", "id": "e", "class": {"code": "AMB"}}, tolerated)
+    assert type(encounter) is Resource and encounter.get_resource_type() == "Encounter"
     assert tolerated == {"unknown-resource-type": 1}
 
 
