@@ -91,6 +91,7 @@ def call_service(service_id: str) -> Response:
         deps.settings,
         definition.id,
         deadline=time.monotonic() + deps.settings.hook_budget_ms / 1000,
+        capacity=deps.capacity,
         on_lookup=count_job_lookup,
     )
     call = None
@@ -123,19 +124,16 @@ def call_service(service_id: str) -> Response:
 def record_audit(
     service_id: str, body: dict[str, Any], call: Any, status: int, outcome: str, cards: int, started: float
 ) -> None:
-    """Write the hook's audit row; a store outage is logged, never turned into a failed hook."""
-    try:
-        services().store.add_hook_audit(
-            service_id=service_id,
-            hook_instance=str(body.get("hookInstance", ""))[:64],
-            patient_id=call.context.patient_id if call else None,
-            status=status,
-            outcome=outcome,
-            cards=cards,
-            latency_ms=(time.perf_counter() - started) * 1000,
-        )
-    except Exception as exc:  # noqa: BLE001 - the audit must not break the clinician's workflow
-        log.error("could not write the hook audit record: %s", type(exc).__name__)
+    """Hand the hook's audit row to the background writer (it never waits on the database)."""
+    services().audit.record(
+        service_id=service_id,
+        hook_instance=str(body.get("hookInstance", ""))[:64],
+        patient_id=call.context.patient_id if call else None,
+        status=status,
+        outcome=outcome,
+        cards=cards,
+        latency_ms=(time.perf_counter() - started) * 1000,
+    )
 
 
 @bp.post("/cds-services/<service_id>/feedback")

@@ -19,6 +19,7 @@ from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import validate_allowlist
 from cds_service.jobs import QUEUES
 from cds_service.jobs import TASK_NAME
+from cds_service.jobs import Capacity
 from cds_service.jobs import JobStore
 from cds_service.logging import configure_logging
 from cds_service.metrics import init_metrics
@@ -26,6 +27,7 @@ from cds_service.prefetch import ParsedPrefetchCache
 from cds_service.registry import Registry
 from cds_service.registry import load_registry
 from cds_service.settings import Settings
+from cds_service.store import AuditWriter
 from cds_service.store import Store
 from fhir_mappings.drugs import preload as preload_drug_vocabulary
 from worker.celery_app import make_celery
@@ -63,6 +65,8 @@ class Services:
     prefetch_cache: ParsedPrefetchCache
     verifier: JwtVerifier | AuthDisabled | NoTrustedIssuers
     jobs: JobStore
+    capacity: Capacity
+    audit: AuditWriter
     drafts: DraftService
     send_job: Callable[[str, str], None]
 
@@ -115,6 +119,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         prefetch_cache=ParsedPrefetchCache(settings.prefetch_cache_entries),
         verifier=build_verifier(settings, redis_client),
         jobs=JobStore(redis_client, settings.result_ttl_s),
+        capacity=Capacity(redis_client),
+        audit=AuditWriter(store),
         drafts=DraftService(store, settings, http),
         send_job=send_job,
     )

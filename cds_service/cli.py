@@ -12,13 +12,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cds_service.settings import Settings
+from cds_service.settings import SettingsProblem
+from cds_service.settings import load_settings
 
 SAMPLE_DATA = Path(__file__).parent / "data" / "sample"
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the API under gunicorn (never Flask's development server)."""
+    """Run the API under gunicorn (never Flask's development server).
+
+    The default gevent workers serve each request in a greenlet: a hook waiting on its model job, or on a
+    FHIR read, holds no thread, so rule cards never queue behind waits. gthread is kept as a fallback.
+    """
+    if args.worker_class == "gevent":
+        # Patched before anything imports socket or ssl, in the master too (gunicorn's own advice), so the
+        # workers it forks inherit cooperative modules.
+        from gevent import monkey
+
+        monkey.patch_all()
+    settings = load_settings()
     # Gunicorn workers are processes: prometheus-client sums their counters through files in this folder
     # (its multiprocess mode), which it must be told before it is first imported.
     metrics_dir = tempfile.mkdtemp(prefix="medgemma-cds-metrics-")
@@ -28,7 +40,6 @@ def serve(args: argparse.Namespace) -> int:
     from cds_service.app import create_app
     from cds_service.store import Store
 
-    settings = Settings()
     # Migrate once in the master, before workers fork, so workers never race on the schema.
     Store(settings.database_url).migrate()
 
@@ -36,8 +47,9 @@ def serve(args: argparse.Namespace) -> int:
         def load_config(self) -> None:
             self.cfg.set("bind", f"{args.host}:{args.port}")
             self.cfg.set("workers", args.workers)
-            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("worker_class", args.worker_class)
             self.cfg.set("threads", args.threads)
+            self.cfg.set("worker_connections", args.connections)
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
 
@@ -55,7 +67,7 @@ def db_upgrade(args: argparse.Namespace) -> int:
     """Apply the store's Alembic migrations."""
     from cds_service.store import Store
 
-    Store(Settings().database_url).migrate()
+    Store(load_settings().database_url).migrate()
     print("database schema is up to date")
     return 0
 
@@ -116,14 +128,14 @@ def worker(args: argparse.Namespace) -> int:
     """Start a Celery worker consuming the text or image model queue."""
     from worker.celery_app import run_worker
 
-    return run_worker(Settings(), queue=args.queue, concurrency=args.concurrency, pool=args.pool)
+    return run_worker(load_settings(), queue=args.queue, concurrency=args.concurrency, pool=args.pool)
 
 
 def check(args: argparse.Namespace) -> int:
     """Print the configuration (secrets hidden) and whether Redis, the database and FHIR server answer."""
     from cds_service.readiness import readiness_report
 
-    settings = Settings()
+    settings = load_settings()
     if args.worker:
         from cds_service.readiness import local_worker_alive
 
@@ -153,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--worker-class", choices=["gevent", "gthread"], default="gevent")
+    p.add_argument("--connections", type=int, default=1000, help="concurrent requests per gevent worker")
+    p.add_argument("--threads", type=int, default=8, help="threads per gthread worker")
     p.set_defaults(func=serve)
 
     p = sub.add_parser("worker", help="run a Celery model worker")
@@ -196,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except SettingsProblem as problem:
+        print(f"medgemma-cds: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 import uuid
 
 from flask import Flask
 from flask import Response
+from flask import current_app
 from flask import g
 from flask import jsonify
 from flask import request
@@ -20,6 +22,7 @@ from cds_service.logging import get_request_id
 from cds_service.logging import set_request_id
 
 log = logging.getLogger("cds_service.errors")
+access_log = logging.getLogger("cds_service.access")
 
 
 def _begin_request() -> None:
@@ -27,21 +30,50 @@ def _begin_request() -> None:
     given = request.headers.get("X-Request-Id", "")
     request_id = given if given.isalnum() and len(given) <= 64 else uuid.uuid4().hex
     g.request_id = request_id
+    g.request_started = time.perf_counter()
     set_request_id(request_id)
+
+
+def _route() -> str:
+    """Return the route template matched (``/cds-services/<service_id>``), never the URL or its query."""
+    return request.url_rule.rule if request.url_rule is not None else "unmatched"
+
+
+def _service_id() -> str | None:
+    # Only a declared service id is logged: a caller can't write arbitrary text into the log.
+    given = (request.view_args or {}).get("service_id")
+    if given is None:
+        return None
+    return given if given in current_app.extensions["cds"].registry.services else "unknown"
 
 
 def _end_request(response: Response) -> Response:
     response.headers["X-Request-Id"] = get_request_id() or ""
+    started = g.get("request_started")
+    access_log.info(
+        "request",
+        extra={
+            "method": request.method,
+            "route": _route(),
+            "service": _service_id(),
+            "status": response.status_code,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+        },
+    )
     return response
 
 
 def _render_cds_error(error: CdsError) -> tuple[Response, int]:
     if isinstance(error, Unauthorized):
         # §Security: a failed token check is a bare 401; which check failed is only logged by the verifier.
+        log.info("request refused", extra={"route": _route(), "status": 401, "error": error.code})
         response = jsonify({"error": error.code, "message": "Unauthorized"})
         response.headers["WWW-Authenticate"] = "Bearer"
         return response, 401
-    log.info("request refused", extra={"status": error.status, "error": error.code})
+    log.info(
+        "request refused",
+        extra={"route": _route(), "status": error.status, "error": error.code, "reason": error.message},
+    )
     return jsonify(error.body()), error.status
 
 
@@ -53,7 +85,9 @@ def _render_http_error(error: HTTPException) -> tuple[Response, int]:
         413: "request body is larger than the configured limit",
     }
     code = (error.name or "error").lower().replace(" ", "-")
-    return jsonify({"error": code, "message": messages.get(status, error.name)}), status
+    message = messages.get(status, error.name)
+    log.info("request refused", extra={"route": _route(), "status": status, "error": code, "reason": message})
+    return jsonify({"error": code, "message": message}), status
 
 
 def _render_unexpected(error: Exception) -> tuple[Response, int]:

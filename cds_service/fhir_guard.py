@@ -66,7 +66,11 @@ def check_fhir_server_url(url: str, allowlist: Sequence[str], allow_http_loopbac
     # ::1 is inside the IPv6 reserved block ::/8, so loopback is excluded before the reserved test.
     if address is not None and not loopback and _is_unroutable(address):
         raise BadRequest("fhirServer points at a link-local, multicast, reserved or unspecified address")
-    if target.scheme != "https" and not (loopback and allow_http_loopback):
+    # Plain HTTP only to loopback in development, or to an origin the allowlist names with http:// itself.
+    http_allowed = (loopback and allow_http_loopback) or (
+        target.scheme == "http" and any(_under_prefix(target, prefix) for prefix in allowlist)
+    )
+    if target.scheme != "https" and not http_allowed:
         raise BadRequest("fhirServer must use https")
     if not allowlist:
         if loopback and allow_http_loopback:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC
@@ -29,10 +30,13 @@ TASK_NAME = "medgemma_cds.run_model_job"
 QUEUES: dict[str, str] = {"text": "medgemma-text", "image": "medgemma-image"}
 # A failed job is kept briefly so a burst of hooks doesn't hammer a broken input, then retried.
 FAILED_TTL_S = 300
-POLL_INTERVAL_S = 0.02
-#: Redis hashes (field: model id) added to once per finished job; /metrics reads model tokens/s from them.
+#: Redis hashes (field: model id) added to once per finished job; /metrics reads model tokens/s from them,
+#: and hooks the mean seconds a job takes (seconds / jobs) to judge whether waiting can pay off.
 MODEL_TOKENS_KEY = "mgcds:metrics:generated-tokens"
 MODEL_SECONDS_KEY = "mgcds:metrics:generation-seconds"
+MODEL_JOBS_KEY = "mgcds:metrics:finished-jobs"
+#: How long a process trusts what it last read of the workers and the queues.
+CAPACITY_TTL_S = 1.0
 # Workers refresh a key per process every HEARTBEAT_S; one that stops for HEARTBEAT_TTL_S counts as gone.
 HEARTBEAT_PREFIX = "mgcds:worker:"
 HEARTBEAT_S = 10
@@ -47,6 +51,11 @@ def live_workers(redis_client: redis.Redis) -> dict[str, int]:
         if role in counts:
             counts[role] += 1
     return counts
+
+
+def done_channel(job_id: str) -> str:
+    """Return the Redis pub/sub channel a job's end is announced on (its final state is the message)."""
+    return f"mgcds:job-done:{job_id}"
 
 
 def now_iso() -> str:
@@ -138,10 +147,51 @@ class JobStore:
                         model = str(fields.get("model", ""))
                         pipe.hincrby(MODEL_TOKENS_KEY, model, int(fields["generated_tokens"]))
                         pipe.hincrbyfloat(MODEL_SECONDS_KEY, model, float(fields["seconds"]))
+                        pipe.hincrby(MODEL_JOBS_KEY, model, 1)
+                    # Hooks waiting on this job wake on the message instead of polling the record.
+                    pipe.publish(done_channel(job_id), str(fields["state"]))
                     pipe.execute()
                     return True
                 except redis.WatchError:
                     continue
+
+
+class Capacity:
+    """What the model side can do now: live workers per role, queue depth, mean seconds per job.
+
+    Read from Redis at most once per CAPACITY_TTL_S per process (a SCAN of heartbeats is too dear for every
+    hook), shared by every request of the process.
+    """
+
+    def __init__(self, redis_client: redis.Redis) -> None:
+        self.redis = redis_client
+        self._lock = threading.Lock()
+        self._read_at = -CAPACITY_TTL_S
+        self._workers: dict[str, int] = {}
+
+    def workers(self) -> dict[str, int]:
+        """Return live worker processes per role, as of at most CAPACITY_TTL_S ago."""
+        with self._lock:
+            if time.monotonic() - self._read_at >= CAPACITY_TTL_S:
+                self._workers = live_workers(self.redis)
+                self._read_at = time.monotonic()
+            return self._workers
+
+    def can_finish(self, role: str, model: str, seconds_left: float) -> bool:
+        """Return whether a job queued now could plausibly finish within ``seconds_left``.
+
+        No live worker: never. Otherwise the queue ahead, shared among the workers, times the mean job
+        time of this model must fit; with no job finished yet there is no estimate, so it may.
+        """
+        workers = self.workers().get(role, 0)
+        if workers == 0 or seconds_left <= 0:
+            return False
+        seconds, jobs = self.redis.hmget(MODEL_SECONDS_KEY, model), self.redis.hget(MODEL_JOBS_KEY, model)
+        if not jobs or not seconds[0]:
+            return True
+        mean = float(seconds[0]) / max(int(jobs), 1)
+        waiting = int(self.redis.llen(QUEUES[role]))
+        return (waiting // workers + 1) * mean <= seconds_left
 
 
 class JobQueue:
@@ -154,9 +204,11 @@ class JobQueue:
         settings: Settings,
         service_id: str,
         deadline: float,
+        capacity: Capacity,
         on_lookup: Callable[[bool], None] = lambda hit: None,
     ) -> None:
         self._on_lookup = on_lookup
+        self.capacity = capacity
         self.store = store
         self._send = send
         self._settings = settings
@@ -174,7 +226,11 @@ class JobQueue:
         input_hashes: list[str],
         images_b64: list[str] | None = None,
     ) -> JobRecord | None:
-        """Enqueue the job unless it exists, wait until done or the deadline; None without Redis."""
+        """Enqueue the job unless it exists, wait until done or the deadline; None without Redis.
+
+        The wait holds no thread busy: it blocks on the job's done-channel (a gevent worker serves other
+        requests meanwhile), and it is skipped when the queue ahead says the job can't finish in time.
+        """
         settings = self._settings
         model, revision = (
             (settings.text_model, settings.text_model_revision)
@@ -200,17 +256,30 @@ class JobQueue:
                 self._send(job_id, role)
             record = self.store.get(job_id)
             self._on_lookup(record is not None and record.state == "done")
-            while (
-                record is not None
-                and record.state in ("queued", "running")
-                and time.monotonic() < self.deadline
-            ):
-                time.sleep(min(POLL_INTERVAL_S, max(0.0, self.deadline - time.monotonic())))
-                record = self.store.get(job_id)
-            return record
+            if record is None or record.state not in ("queued", "running"):
+                return record
+            if not self.capacity.can_finish(role, model, self.deadline - time.monotonic()):
+                return record
+            return self._wait(job_id)
         except Exception as exc:  # noqa: BLE001 - Redis or broker down: degrade to the rule cards
             log.warning("model job unavailable: %s", type(exc).__name__)
             return None
+
+    def _wait(self, job_id: str) -> JobRecord | None:
+        pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(done_channel(job_id))
+            # Read again once subscribed: a job that ended in between would otherwise be waited out.
+            current: JobRecord | None = self.store.get(job_id)
+            while current is not None and current.state in ("queued", "running"):
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if pubsub.get_message(timeout=left) is not None:
+                    current = self.store.get(job_id)
+            return current
+        finally:
+            pubsub.close()
 
     def job_url(self, job_id: str) -> str:
         """Return the public URL of a job's status, signed so a clinician's browser can open it."""

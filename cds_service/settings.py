@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
+from typing import get_origin
 
 from pydantic import Field
 from pydantic import SecretStr
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from pydantic_settings import SettingsConfigDict
+from pydantic_settings import SettingsError
+
+ENV_PREFIX = "MEDGEMMA_CDS_"
 
 
 class Settings(BaseSettings):
@@ -18,7 +24,7 @@ class Settings(BaseSettings):
     until a worker needs one.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MEDGEMMA_CDS_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     # Where things run
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -56,7 +62,10 @@ class Settings(BaseSettings):
     )
     fhir_server_allowlist: list[str] = Field(
         default_factory=list,
-        description="URL prefixes (scheme://host[:port]/path) a request's fhirServer must start with.",
+        description=(
+            "URL prefixes (scheme://host[:port]/path) a request's fhirServer must start with; an http:// "
+            "entry allows plain HTTP to exactly that origin (e.g. a FHIR server inside the compose network)."
+        ),
     )
     fhir_allow_http_loopback: bool = False
     fhir_writeback_url: str | None = Field(
@@ -81,3 +90,49 @@ class Settings(BaseSettings):
     # Worker
     task_soft_time_limit_s: int = Field(default=300, ge=5)
     task_time_limit_s: int = Field(default=360, ge=10)
+
+
+class SettingsProblem(ValueError):
+    """A setting in the environment is malformed; the message is one line naming the variable and format."""
+
+
+def _expected(name: str) -> str:
+    field = Settings.model_fields[name]
+    annotation = field.annotation
+    if get_origin(annotation) is list:
+        return 'a JSON list of strings, e.g. ["https://ehr.example.org/fhir"]'
+    text = str(annotation)
+    for kind, words in (("bool", "true or false"), ("int", "a whole number"), ("float", "a number")):
+        if re.search(rf"\b{kind}\b", text):
+            return words + (f" ({field.description})" if field.description else "")
+    if "Path" in text:
+        return "a path to a readable file"
+    return field.description or "a string"
+
+
+def load_settings() -> Settings:
+    """Return the settings from the environment; SettingsProblem saying which variable is malformed and
+    the format it expects (one line, no stack trace, never the value: it may be a secret)."""
+    try:
+        settings = Settings()
+    except SettingsError as error:
+        found = re.search(r'field "(\w+)"', str(error))
+        name = found.group(1) if found else ""
+    except ValidationError as error:
+        first = error.errors(include_input=False)[0]
+        name = str(first["loc"][0]) if first["loc"] else ""
+        if name in Settings.model_fields:
+            raise SettingsProblem(
+                f"{ENV_PREFIX}{name.upper()}: {first['msg']}; expected {_expected(name)}"
+            ) from None
+    else:
+        from cds_service.fhir_guard import validate_allowlist
+
+        try:
+            validate_allowlist(settings.fhir_server_allowlist)
+        except ValueError as error:
+            raise SettingsProblem(f"{ENV_PREFIX}FHIR_SERVER_ALLOWLIST: {error}") from None
+        return settings
+    if name not in Settings.model_fields:
+        raise SettingsProblem("the MEDGEMMA_CDS_* settings could not be read")
+    raise SettingsProblem(f"{ENV_PREFIX}{name.upper()} is malformed; expected {_expected(name)}")

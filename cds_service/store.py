@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import logging
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
@@ -19,7 +24,9 @@ from sqlalchemy import LargeBinary
 from sqlalchemy import String
 from sqlalchemy import Text
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy import func
+from sqlalchemy import insert
 from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.orm import DeclarativeBase
@@ -31,11 +38,25 @@ from sqlalchemy.orm import sessionmaker
 from cds_service.wire import FeedbackItem
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: The audit writer flushes when this many rows wait, or AUDIT_FLUSH_S after the first one came.
+AUDIT_BATCH_ROWS = 200
+AUDIT_FLUSH_S = 0.25
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
     """Return the current time, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+def _sqlite_wal(connection: Any, _record: Any) -> None:
+    # WAL lets readers run while one writer commits, and NORMAL sync is durable across process crashes;
+    # without it every gunicorn process's write locks the whole file against the others.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def patient_hash(patient_id: str) -> str:
@@ -87,8 +108,10 @@ class Store:
         self.url = database_url
         engine_args: dict[str, Any] = {"pool_pre_ping": True}
         if database_url.startswith("sqlite"):
-            engine_args["connect_args"] = {"check_same_thread": False}
+            engine_args["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine = create_engine(database_url, **engine_args)
+        if database_url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_wal)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
@@ -147,7 +170,28 @@ class Store:
                 summary.setdefault(service_id, {"accepted": 0, "overridden": 0})[outcome] = count
         return summary
 
-    def add_hook_audit(
+    def add_hook_audits(self, rows: list[dict[str, Any]]) -> None:
+        """Insert hook audit rows in one statement (``AuditWriter`` batches them off the request path)."""
+        with self.session() as session:
+            session.execute(insert(HookAudit), rows)
+
+
+class AuditWriter:
+    """Hook audit rows written in batches by a background thread, never on the request path.
+
+    A hook hands its row over and answers; the thread inserts what has gathered every AUDIT_FLUSH_S or at
+    AUDIT_BATCH_ROWS rows, so audit writes neither add latency nor serialise requests on the database
+    (SQLite takes one writer at a time). Rows still queued at exit are flushed; a database outage is logged
+    and the batch is dropped, never turned into a failed hook.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._rows: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def record(
         self,
         *,
         service_id: str,
@@ -158,19 +202,62 @@ class Store:
         cards: int,
         latency_ms: float,
     ) -> None:
-        """Record one hook call; the patient id is stored only as a hash."""
-        with self.session() as session:
-            session.add(
-                HookAudit(
-                    service_id=service_id,
-                    hook_instance=hook_instance,
-                    patient_hash=patient_hash(patient_id) if patient_id else None,
-                    status=status,
-                    outcome=outcome,
-                    cards=cards,
-                    latency_ms=latency_ms,
-                )
-            )
+        """Queue one hook call's audit row; the patient id is kept only as a hash."""
+        self._rows.put(
+            {
+                "service_id": service_id,
+                "hook_instance": hook_instance,
+                "patient_hash": patient_hash(patient_id) if patient_id else None,
+                "status": status,
+                "outcome": outcome,
+                "cards": cards,
+                "latency_ms": latency_ms,
+                "created_at": utcnow(),
+            }
+        )
+        if self._thread is None:
+            self._start()
+
+    def flush(self) -> int:
+        """Write every queued row now; return how many were written."""
+        rows: list[dict[str, Any]] = []
+        while True:
+            try:
+                rows.append(self._rows.get_nowait())
+            except queue.Empty:
+                break
+        self._write(rows)
+        return len(rows)
+
+    def _start(self) -> None:
+        # Started on first use, in the process that serves (gunicorn forks workers after loading nothing).
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
+                atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            rows = [self._rows.get()]
+            deadline = time.monotonic() + AUDIT_FLUSH_S
+            while len(rows) < AUDIT_BATCH_ROWS:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    rows.append(self._rows.get(timeout=left))
+                except queue.Empty:
+                    break
+            self._write(rows)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        try:
+            self.store.add_hook_audits(rows)
+        except Exception as exc:  # noqa: BLE001 - the audit must not break the clinician's workflow
+            log.error("could not write %d hook audit records: %s", len(rows), type(exc).__name__)
 
 
 class Draft(Base):

@@ -1,9 +1,11 @@
-"""docker-compose.yml: valid against the compose spec, and every name in it is one the project defines."""
+"""docker-compose.yml: valid against the compose spec; every name in it is one the project or HAPI defines."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,26 @@ from cds_service.settings import Settings
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 GPU_WORKERS = ("worker-text", "worker-image")
+# The keys come from the starter's application.yaml at the tag the image is built from; a new image tag
+# needs a new key list.
+HAPI_IMAGE = "hapiproject/hapi:v8.10.0-3"
+HAPI_KEYS_FILE = ROOT / "tests" / "data" / "hapi" / "starter-application-keys.txt"
+# Spring Boot's JpaProperties.properties is a Map<String, String> handed to Hibernate as it is.
+MAP_PROPERTIES = ("spring.jpa.properties",)
+POSTGRES_DIALECT = "ca.uhn.fhir.jpa.model.dialect.HapiFhirPostgresDialect"
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     """The compose file as YAML sees it (anchors and merge keys resolved)."""
     return dict(yaml.safe_load(COMPOSE_FILE.read_text()))
+
+
+@pytest.fixture(scope="module")
+def hapi_keys() -> frozenset[str]:
+    """Property keys the pinned HAPI starter's application.yaml sets or documents."""
+    lines = HAPI_KEYS_FILE.read_text().splitlines()
+    return frozenset(line for line in lines if line and not line.startswith("#"))
 
 
 def our_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -154,3 +170,123 @@ def test_dockerfile_final_stage_is_slim_and_unprivileged() -> None:
     assert "build-essential" not in final and "apt-get" not in final
     assert "COPY --from=builder /opt/venv /opt/venv" in final
     assert '".${EXTRAS:+[${EXTRAS}]}"' in dockerfile and "ARG EXTRAS=worker" in dockerfile
+
+
+def dashed(element: str) -> str:
+    """One name element in Spring Boot's canonical dashed form, as DataObjectPropertyName.toDashedForm has it.
+
+    The binder looks a property up under its Java name in that form (``resthook_enabled`` and
+    ``maxRetryCount`` become ``resthook-enabled`` and ``max-retry-count``); a YAML key names the same property
+    when it spells the same words.
+    """
+    result = ""
+    for char in element.replace("_", "-"):
+        if char.isupper() and result and not result.endswith("-"):
+            result += "-"
+        result += char.lower()
+    return result
+
+
+def binding_names(key: str) -> set[str]:
+    """Environment variable names Spring Boot 3.5's binder reads for ``key`` (list indexes left out).
+
+    Spring Boot reference, "Binding From Environment Variables": from the canonical form, replace dots with
+    underscores, remove dashes, upper-case. SystemEnvironmentPropertyMapper also tries a legacy form with each
+    dash written as an underscore. Under a map property the binder takes the entry's key from the variable
+    itself, lower-cased with ``_`` read as ``.`` ("Binding Maps From Environment Variables"), so an entry
+    whose key holds ``_`` or ``-`` cannot be set from the environment.
+    """
+    for root in MAP_PROPERTIES:
+        if key.startswith(root + "."):
+            entry = key.removeprefix(root + ".")
+            return {key.replace(".", "_").upper()} if re.fullmatch(r"[a-z0-9.]+", entry) else set()
+    elements = [dashed(element) for element in key.split(".")]
+    canonical = "_".join(re.sub(r"[^a-z0-9]", "", element) for element in elements)
+    legacy = "_".join(element.replace("-", "_") for element in elements)
+    return {canonical.upper(), legacy.upper()}
+
+
+def environment_name(key: str) -> str:
+    """The variable ``Environment.getProperty(key)`` finds: SystemEnvironmentPropertySource's spelling."""
+    return key.replace(".", "_").replace("-", "_").upper()
+
+
+def bound_keys(variable: str, keys: Iterable[str]) -> list[str]:
+    """The keys among ``keys`` that Spring Boot binds ``variable`` to."""
+    return sorted(key for key in keys if variable in binding_names(key))
+
+
+@pytest.mark.parametrize(
+    ("key", "variable", "binds"),
+    [
+        # The reference's own example.
+        ("spring.main.log-startup-info", "SPRING_MAIN_LOGSTARTUPINFO", True),
+        ("spring.datasource.driver-class-name", "SPRING_DATASOURCE_DRIVERCLASSNAME", True),
+        ("spring.datasource.driver-class-name", "SPRING_DATASOURCE_DRIVER_CLASS_NAME", True),
+        ("hapi.fhir.subscription.resthook_enabled", "HAPI_FHIR_SUBSCRIPTION_RESTHOOK_ENABLED", True),
+        ("hapi.fhir.subscription.resthook_enabled", "HAPI_FHIR_SUBSCRIPTION_RESTHOOKENABLED", True),
+        ("hapi.fhir.subscription.resthook_enabled", "HAPI_FHIR_SUBSCRIPTION_RESTHOOK", False),
+        (
+            "hapi.fhir.cr.terminologyServerClientSettings.maxRetryCount",
+            "HAPI_FHIR_CR_TERMINOLOGYSERVERCLIENTSETTINGS_MAXRETRYCOUNT",
+            True,
+        ),
+        (
+            "hapi.fhir.cr.terminologyServerClientSettings.maxRetryCount",
+            "HAPI_FHIR_CR_TERMINOLOGY_SERVER_CLIENT_SETTINGS_MAX_RETRY_COUNT",
+            True,
+        ),
+        ("spring.jpa.properties.hibernate.dialect", "SPRING_JPA_PROPERTIES_HIBERNATE_DIALECT", True),
+        # Map entries: these become the keys hibernate.format.sql and hibernate.formatsql, not format_sql.
+        ("spring.jpa.properties.hibernate.format_sql", "SPRING_JPA_PROPERTIES_HIBERNATE_FORMAT_SQL", False),
+        ("spring.jpa.properties.hibernate.format_sql", "SPRING_JPA_PROPERTIES_HIBERNATE_FORMATSQL", False),
+    ],
+)
+def test_spring_binds_environment_variables_by_its_relaxed_rules(
+    key: str, variable: str, binds: bool
+) -> None:
+    assert (variable in binding_names(key)) is binds
+
+
+def test_every_hapi_variable_is_a_property_of_the_pinned_starter(
+    compose: dict[str, Any], hapi_keys: frozenset[str]
+) -> None:
+    fhir = compose["services"]["fhir"]
+    assert fhir["image"] == HAPI_IMAGE
+    for variable in fhir["environment"]:
+        keys = bound_keys(variable, hapi_keys)
+        assert len(keys) == 1, f"{variable} binds to {keys or 'no key'} of the starter's application.yaml"
+        # The starter also reads underscored keys through Environment.getProperty (OnR4Condition reads
+        # hapi.fhir.fhir_version), which finds HAPI_FHIR_FHIR_VERSION but not HAPI_FHIR_FHIRVERSION.
+        assert variable == environment_name(keys[0]), f"{variable}: spell it {environment_name(keys[0])}"
+
+
+def test_a_bare_hibernate_dialect_variable_is_no_property(hapi_keys: frozenset[str]) -> None:
+    # At this tag the YAML's dialect is ${HIBERNATE_DIALECT:<H2 dialect>}, a placeholder the file may drop;
+    # the compose file sets the property itself, which outranks application.yaml.
+    assert bound_keys("HIBERNATE_DIALECT", hapi_keys) == []
+    assert bound_keys("SPRING_JPA_PROPERTIES_HIBERNATE_DIALECT", hapi_keys) == [
+        "spring.jpa.properties.hibernate.dialect"
+    ]
+    # Binds, but the starter's own look-up of hapi.fhir.fhir_version would not see it.
+    assert bound_keys("HAPI_FHIR_FHIRVERSION", hapi_keys) == ["hapi.fhir.fhir_version"]
+    assert environment_name("hapi.fhir.fhir_version") != "HAPI_FHIR_FHIRVERSION"
+
+
+def test_hapi_runs_r4_on_postgres_with_rest_hook_subscriptions(
+    compose: dict[str, Any], hapi_keys: frozenset[str]
+) -> None:
+    services = compose["services"]
+    properties = {
+        bound_keys(variable, hapi_keys)[0]: value
+        for variable, value in services["fhir"]["environment"].items()
+    }
+    database = services["fhir-db"]["environment"]
+    assert properties["spring.datasource.url"] == f"jdbc:postgresql://fhir-db:5432/{database['POSTGRES_DB']}"
+    assert properties["spring.datasource.username"] == database["POSTGRES_USER"]
+    assert properties["spring.datasource.password"] == database["POSTGRES_PASSWORD"]
+    assert properties["spring.datasource.driver-class-name"] == "org.postgresql.Driver"
+    assert properties["spring.jpa.properties.hibernate.dialect"] == POSTGRES_DIALECT
+    assert properties["hapi.fhir.fhir_version"] == "R4"
+    assert properties["hapi.fhir.subscription.resthook_enabled"] == "true"
+    assert properties["hapi.fhir.server_address"] == "http://fhir:8080/fhir"
