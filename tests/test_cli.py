@@ -81,3 +81,27 @@ def test_check_says_what_is_down(live_server: LiveServer) -> None:
 
     code, out = check(env, "--worker")
     assert code == 1 and "no model worker on this host answers" in out
+
+
+def test_a_malformed_setting_stops_serve_with_one_line_naming_it() -> None:
+    script = Path(sys.executable).parent / "medgemma-cds"
+    cases = {
+        # A bare URL where a JSON list belongs: the classic mistake.
+        "MEDGEMMA_CDS_FHIR_SERVER_ALLOWLIST": ("https://fhir.hospital.test/r4", "a JSON list of strings"),
+        "MEDGEMMA_CDS_HOOK_BUDGET_MS": ("1.5s", "a whole number"),
+        "MEDGEMMA_CDS_AUTH_DISABLED": ("sometimes", "true or false"),
+    }
+    for name, (value, expected) in cases.items():
+        env = {"PATH": "/usr/bin:/bin", name: value}
+        result = subprocess.run(
+            [str(script), "serve", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2
+        assert result.stdout == ""
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"medgemma-cds: {name}") and expected in line, line
+        assert value not in line  # a value may be a secret: never echoed

@@ -34,10 +34,13 @@ def test_allowlisted_https_urls_pass(url: str) -> None:
     check_fhir_server_url(url, ALLOWLIST, allow_http_loopback=False)
 
 
-def test_http_loopback_passes_only_with_the_flag() -> None:
+def test_http_loopback_passes_with_the_flag_or_an_explicit_http_entry() -> None:
     check_fhir_server_url("http://127.0.0.1:8080/fhir", ALLOWLIST, allow_http_loopback=True)
+    # Written with http:// on the allowlist, that origin is allowed plain HTTP without the loopback flag.
+    check_fhir_server_url("http://127.0.0.1:8080/fhir", ALLOWLIST, allow_http_loopback=False)
+    https_only = ["https://127.0.0.1:8080/fhir"]
     with pytest.raises(BadRequest, match="must use https"):
-        check_fhir_server_url("http://127.0.0.1:8080/fhir", ALLOWLIST, allow_http_loopback=False)
+        check_fhir_server_url("http://127.0.0.1:8080/fhir", https_only, allow_http_loopback=False)
 
 
 @pytest.mark.parametrize(
@@ -214,3 +217,16 @@ def test_unreadable_allowlist_entries_match_nothing_and_fail_validation() -> Non
 )
 def test_is_loopback_host(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+def test_an_http_allowlist_entry_allows_plain_http_to_exactly_that_origin() -> None:
+    # The compose API reads HAPI at http://fhir:8080/fhir inside its network.
+    allowlist = ["http://fhir:8080/fhir"]
+    check_fhir_server_url("http://fhir:8080/fhir", allowlist, allow_http_loopback=False)
+    check_fhir_server_url("http://fhir:8080/fhir/", allowlist, allow_http_loopback=False)
+    for other in ("http://fhir:8081/fhir", "http://fhir2:8080/fhir", "http://fhir:8080/other"):
+        with pytest.raises(BadRequest):
+            check_fhir_server_url(other, allowlist, allow_http_loopback=False)
+    # An https entry never lets plain http through to the same host.
+    with pytest.raises(BadRequest, match="must use https"):
+        check_fhir_server_url("http://ehr.example.org/fhir", ["https://ehr.example.org/fhir"], False)

@@ -1,0 +1,97 @@
+"""Waiting for a model job: woken by the worker's done message, skipped when the job can't finish in time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from support import claimed_redis_db
+
+from cds_service.jobs import HEARTBEAT_PREFIX
+from cds_service.jobs import MODEL_JOBS_KEY
+from cds_service.jobs import MODEL_SECONDS_KEY
+from cds_service.jobs import QUEUES
+from cds_service.jobs import Capacity
+from cds_service.jobs import JobQueue
+from cds_service.jobs import JobStore
+from cds_service.settings import Settings
+
+MODEL = "google/medgemma-27b-text-it"
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    """A Redis database of this test's own (heartbeats and queue lengths are global to a database)."""
+    with claimed_redis_db() as url:
+        yield redis.Redis.from_url(url)
+
+
+def queue(client: redis.Redis, budget_s: float, sent: list[str]) -> JobQueue:
+    settings = Settings(text_model=MODEL, redis_url="redis://unused")
+    return JobQueue(
+        JobStore(client, 3600),
+        lambda job_id, role: sent.append(job_id),
+        settings,
+        "patient-summary",
+        deadline=time.monotonic() + budget_s,
+        capacity=Capacity(client),
+    )
+
+
+def request(jobs: JobQueue, prompt: str = "summarise"):
+    return jobs.request("patient-summary", "text", "system", prompt, evidence=[], input_hashes=["h"])
+
+
+def test_no_live_worker_means_no_wait(client: redis.Redis) -> None:
+    sent: list[str] = []
+    started = time.monotonic()
+    record = request(queue(client, 5.0, sent))
+    assert record is not None and record.state == "queued" and len(sent) == 1
+    assert time.monotonic() - started < 2.0  # far below the 5 s budget: not waited out
+
+
+def test_the_wait_ends_on_the_done_message_not_the_deadline(client: redis.Redis) -> None:
+    client.set(f"{HEARTBEAT_PREFIX}text:host:1", 1, ex=30)
+    sent: list[str] = []
+    jobs = queue(client, 10.0, sent)
+    store = JobStore(client, 3600)
+
+    def worker() -> None:
+        while not sent:
+            time.sleep(0.01)
+        store.start(sent[0], "w")
+        time.sleep(0.3)
+        store.finish(sent[0], {"state": "done", "result": '{"summary": "x"}', "model": MODEL, "seconds": 0.3})
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    started = time.monotonic()
+    record = request(jobs)
+    thread.join()
+    assert record is not None and record.state == "done"
+    assert time.monotonic() - started < 5.0  # woken by the message, long before the 10 s deadline
+
+
+def test_a_queue_that_cannot_finish_in_the_budget_is_not_waited_for(client: redis.Redis) -> None:
+    client.set(f"{HEARTBEAT_PREFIX}text:host:1", 1, ex=30)
+    # One worker, jobs take 2 s on average, ten jobs already queued: nothing finishes within 1 s.
+    client.hset(MODEL_SECONDS_KEY, MODEL, 20.0)
+    client.hset(MODEL_JOBS_KEY, MODEL, 10)
+    client.rpush(QUEUES["text"], *[f"job-{n}" for n in range(10)])
+    capacity = Capacity(client)
+    assert not capacity.can_finish("text", MODEL, 1.0)
+    assert capacity.can_finish("text", MODEL, 60.0)
+    started = time.monotonic()
+    record = request(queue(client, 1.0, []))
+    assert record is not None and record.state == "queued"
+    assert time.monotonic() - started < 0.9
+
+
+def test_without_a_finished_job_there_is_no_estimate_so_it_may_wait(client: redis.Redis) -> None:
+    client.set(f"{HEARTBEAT_PREFIX}image:host:1", 1, ex=30)
+    capacity = Capacity(client)
+    assert capacity.can_finish("image", "google/medgemma-4b-it", 0.5)
+    assert not capacity.can_finish("text", MODEL, 0.5)  # no text worker
