@@ -1,27 +1,44 @@
-"""Prints hook throughput and latency of patient-summary over real HTTP, against a bare endpoint and a peer.
+"""Prints patient-summary's throughput and latency under wrk, against bare Flask and HealthChain in one run.
 
-Run: ``.venv/bin/python bench/bench_hooks.py [--requests 1500] [--concurrency 16] [--workers 2]``.
+Run: ``.venv/bin/python bench/bench_hooks.py [--duration 15] [--warmup 3] [--workers 2]``. Needs ``wrk``
+(``apt-get install wrk``), ``redis-server`` and, for the PostgreSQL rows, a server at ``BENCH_PG_URL``
+(default ``postgresql://postgres@127.0.0.1:5432/test``; a throw-away database is created and dropped).
+HealthChain runs from its own venv, ``bench/.venv-peer`` (``healthchain==0.16.1`` from PyPI), created on the
+first run.
 
-1. patient-summary with full prefetch (the demo patient), authentication off, hook budget 0: the rule card is
-   built and the summary job is enqueued once (the same record afterwards is a Redis lookup), never waited
-   for; each call also writes its audit row to PostgreSQL. Served by ``medgemma-cds serve`` (gunicorn
-   gthread) and compared, as a ratio, with a bare Flask JSON endpoint served by gunicorn with the same
-   workers and threads, in the same run.
-2. The same hook with no prefetch: its five keys read from a sekmet FHIR server behind a loopback proxy that
-   adds 20 ms to every request, filled concurrently (the service's executor) vs one at a time
-   (``resolve_prefetch`` with a one-thread executor); and over HTTP, no prefetch vs full prefetch.
-3. The peer: HealthChain (PyPI, in ``bench/.venv-peer``) serving the same card with uvicorn and the same
-   number of worker processes.
+The load generator is wrk (C, epoll; ``--wrk-threads 2``), not a Python client, which on two cores would be
+the bottleneck. Its Lua scripts are in ``bench/wrk``: ``new_chart.lua`` sends a chart the service has not
+seen on every request (the demo patient's full prefetch with a new patient id in context, Patient and every
+reference, a new hookInstance and a new Observation value, so the prefetch JSON, its content hashes and the
+summary job's id all differ); ``same_chart.lua`` resends one chart. Each scenario runs ``--warmup`` seconds,
+then ``--duration`` seconds measured, in this order:
 
-The load generator is threads with one keep-alive httpx client each, bounded by request count and time, on
-loopback only; it shares the machine's cores with the server, equally for every target. Figures, no asserts.
+a. bare Flask JSON endpoint (parses the body, answers a small card) under gunicorn with the same workers and
+   worker class as ours (gevent by default), new charts;
+b. medgemma-cds patient-summary (``medgemma-cds serve``), SQLite store, new charts, authentication off, no
+   model worker (each chart's summary job is created and queued in a freshly flushed Redis; the hook doesn't
+   wait for it), the default hook budget;
+c. the same on SQLite, the same chart resent;
+d. PostgreSQL store, new charts;
+e. PostgreSQL, the same chart resent;
+f. HealthChain (FastAPI on uvicorn, same number of worker processes) answering the same card, new charts;
+g. SQLite, new charts, ``--burst-connections`` (64) and no worker: p95 against the budget + 100 ms.
+
+Then (unless ``--no-fill``) prefetch fill: patient-summary's five keys from a sekmet FHIR server behind a
+loopback proxy adding 20 ms per request, concurrently vs one at a time; over HTTP without vs with prefetch.
+
+Every server listens on loopback and is stopped at the end. Server CPU is read from ``/proc`` for the server's
+process tree, wrk's from ``getrusage``. Figures and PASS/FAIL against the targets; no asserts, exit status 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import resource
+import shlex
 import shutil
 import socket
 import socketserver
@@ -41,18 +58,28 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cds_service.demo import hook_bodies  # noqa: E402
+from cds_service.settings import Settings  # noqa: E402
 
 BIN = Path(sys.executable).parent
+WRK_SCRIPTS = ROOT / "bench" / "wrk"
 PEER_VENV = ROOT / "bench" / ".venv-peer"
 PEER_PACKAGE = "healthchain==0.16.1"
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 FHIR_TOKEN = "bench-fhir-token"
 ADDED_LATENCY_S = 0.020
+SERVICE_PATH = "/cds-services/patient-summary"
+# The issue's targets: new charts at 16 connections, and 64 connections of new charts with no worker.
+MIN_TO_PEER = 2.0
+MIN_TO_BARE = 0.35
+MAX_P95_MS = 50.0
+BURST_SLACK_MS = 100.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- Servers ---------------------------------------------------------------------------------------------
@@ -83,7 +110,7 @@ def wait_for(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60) 
 @contextmanager
 def running(
     argv: list[str], ready_url: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server process until the block ends; its output goes to a temporary log shown on failure."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
@@ -94,7 +121,7 @@ def running(
                 log.seek(0)
                 sys.stderr.write(log.read().decode(errors="replace")[-3000:])
                 raise
-            yield
+            yield process
         finally:
             process.terminate()
             try:
@@ -104,19 +131,24 @@ def running(
                 process.wait()
 
 
-def serve_bare(port: int, workers: int, threads: int) -> None:
-    """Serve a bare Flask JSON endpoint under gunicorn exactly as ``medgemma-cds serve`` is configured."""
+def serve_bare(port: int, workers: int, worker_class: str, threads: int) -> None:
+    """Serve a bare Flask JSON endpoint under gunicorn as ``medgemma-cds serve`` is configured.
+
+    For gevent the process is started under ``python -m gevent.monkey``, so it is patched before anything
+    imports socket or ssl, as ``medgemma-cds serve`` patches its master.
+    """
     from flask import Flask
     from flask import jsonify
     from flask import request
     from gunicorn.app.base import BaseApplication
 
     app = Flask("bare")
+    card = {"summary": "bare endpoint", "indicator": "info", "source": {"label": "rules"}}
 
     @app.post("/cds-services/<service_id>")
     def bare(service_id: str) -> Any:
         request.get_json()
-        return jsonify({"cards": []})
+        return jsonify({"cards": [card]})
 
     @app.get("/healthz")
     def healthz() -> Any:
@@ -126,8 +158,9 @@ def serve_bare(port: int, workers: int, threads: int) -> None:
         def load_config(self) -> None:
             self.cfg.set("bind", f"127.0.0.1:{port}")
             self.cfg.set("workers", workers)
-            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("worker_class", worker_class)
             self.cfg.set("threads", threads)
+            self.cfg.set("worker_connections", 1000)
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
 
@@ -162,16 +195,16 @@ def redis_server() -> Iterator[str]:
 
 
 @contextmanager
-def database(workdir: Path) -> Iterator[str]:
-    """Yield a throw-away PostgreSQL database URL (SQLite in ``workdir`` when PostgreSQL doesn't answer)."""
+def postgres_database() -> Iterator[str | None]:
+    """Yield a throw-away PostgreSQL database URL, or None when no PostgreSQL answers at BENCH_PG_URL."""
     try:
         import psycopg
 
         name = f"medgemma_cds_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=2) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
-    except Exception:  # noqa: BLE001 - no PostgreSQL here: the audit rows go to SQLite instead
-        yield f"sqlite:///{workdir / 'bench.db'}"
+    except Exception:  # noqa: BLE001 - no PostgreSQL here: those rows are skipped
+        yield None
         return
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
@@ -265,75 +298,331 @@ def peer_python() -> Path:
     return python
 
 
+# --- Bodies ----------------------------------------------------------------------------------------------
+
+
+def chart_template(call: dict[str, Any]) -> str:
+    """Return the call's JSON with ``__PID__``, ``__HOOK__`` and ``__N__`` where new_chart.lua varies it.
+
+    ``__PID__`` replaces every occurrence of the patient id (context, Patient.id, subject and patient
+    references); ``__N__`` follows the integer part of the first Observation's valueQuantity, so each chart
+    also differs in one clinical value, not only in ids.
+    """
+    call = copy.deepcopy(call)
+    patient_id = call["context"]["patientId"]
+    call["hookInstance"] = "__HOOK__"
+    quantity = next(
+        e["resource"]["valueQuantity"]
+        for e in call["prefetch"]["observations"]["entry"]
+        if "valueQuantity" in e["resource"]
+    )
+    whole = int(quantity["value"])
+    quantity["value"] = "__N__"
+    text = json.dumps(call).replace('"__N__"', f"{whole}.__N__").replace(patient_id, "__PID__")
+    return text
+
+
+def render_chart(template: str, number: int) -> bytes:
+    """Return one chart from the template, as new_chart.lua would (run 0xffff, thread 0xfff: never used)."""
+    return (
+        template.replace("__PID__", f"00000000-ffff-4fff-8000-{number:012x}")
+        .replace("__HOOK__", f"00000000-ffff-4fff-9000-{number:012x}")
+        .replace("__N__", str(number))
+        .encode()
+    )
+
+
 # --- Load ------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class LoadResult:
-    """What one bounded load run measured."""
+class WrkResult:
+    """What one wrk run measured (its done() JSON line), plus the CPU the server and wrk spent."""
 
     requests: int
-    errors: int
     seconds: float
-    latencies_ms: list[float]
+    socket_errors: int
+    non_2xx: int
+    timeouts: int
+    no_card: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    wrk_cpu_s: float
+    server_cpu_s: float | None
 
     @property
     def rate(self) -> float:
-        """Successful requests per second."""
-        return (self.requests - self.errors) / self.seconds
+        """Answers without an HTTP error per second."""
+        return (self.requests - self.non_2xx) / self.seconds
 
-    def percentile(self, p: float) -> float:
-        """Return a latency percentile in milliseconds."""
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def load(url: str, body: bytes, concurrency: int, total: int, max_seconds: float) -> LoadResult:
-    """POST ``body`` to ``url`` ``total`` times from ``concurrency`` threads, stopping at ``max_seconds``."""
-    latencies: list[float] = []
-    errors = 0
-    lock = threading.Lock()
-    remaining = [total]
-    deadline = time.monotonic() + max_seconds
-    headers = {"Content-Type": "application/json"}
-
-    def worker() -> None:
-        nonlocal errors
-        with httpx.Client(timeout=30) as client:
-            while True:
-                with lock:
-                    if remaining[0] <= 0 or time.monotonic() > deadline:
-                        return
-                    remaining[0] -= 1
-                started = time.perf_counter()
-                try:
-                    ok = client.post(url, content=body, headers=headers).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                elapsed = (time.perf_counter() - started) * 1000
-                with lock:
-                    latencies.append(elapsed)
-                    errors += 0 if ok else 1
-
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return LoadResult(len(latencies), errors, time.perf_counter() - started, latencies)
+    @property
+    def server_cpu_ms(self) -> float | None:
+        """Server CPU milliseconds (all its processes) per request."""
+        if self.server_cpu_s is None or not self.requests:
+            return None
+        return self.server_cpu_s * 1000 / self.requests
 
 
-def measure(name: str, url: str, body: bytes, options: argparse.Namespace) -> LoadResult:
-    """Warm up, run the bounded load once and print its figures."""
-    load(url, body, options.concurrency, options.warmup, 30)
-    result = load(url, body, options.concurrency, options.requests, options.max_seconds)
-    print(
-        f"  {name:<34} {result.rate:8.1f} req/s   p50 {result.percentile(50):7.1f} ms   "
-        f"p95 {result.percentile(95):7.1f} ms   errors {result.errors}/{result.requests}",
-        flush=True,
+class Wrk:
+    """Runs wrk; every run gets its own number, so new_chart.lua never repeats a patient within a bench."""
+
+    def __init__(self, threads: int, timeout_s: float) -> None:
+        self.threads = threads
+        self.timeout_s = timeout_s
+        self.runs = 0
+
+    def run(
+        self, url: str, script: str, script_args: list[str], connections: int, seconds: float, pid: int | None
+    ) -> WrkResult:
+        """Load ``url`` for ``seconds`` from ``connections`` keep-alive connections; return the figures."""
+        self.runs += 1
+        args = script_args + [str(self.runs)] if script == "new_chart.lua" else script_args
+        argv = ["wrk", "-t", str(min(self.threads, connections)), "-c", str(connections)]
+        argv += ["-d", f"{seconds:g}s", "--timeout", f"{self.timeout_s:g}s", "-s", str(WRK_SCRIPTS / script)]
+        argv += [url, "--", *args]
+        server_before = tree_cpu_seconds(pid) if pid else None
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        completed = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        server_after = tree_cpu_seconds(pid) if pid else None
+        line = next((x for x in completed.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+        if completed.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed ({shlex.join(argv)}): {completed.stdout}{completed.stderr}")
+        figures = json.loads(line.removeprefix("WRK_JSON "))
+        return WrkResult(
+            requests=figures["requests"],
+            seconds=figures["duration_us"] / 1e6,
+            socket_errors=figures["connect"] + figures["read"] + figures["write"],
+            non_2xx=figures["status"],
+            timeouts=figures["timeout"],
+            no_card=figures["no_card"],
+            p50_ms=figures["p50_us"] / 1000,
+            p95_ms=figures["p95_us"] / 1000,
+            p99_ms=figures["p99_us"] / 1000,
+            max_ms=figures["max_us"] / 1000,
+            wrk_cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            server_cpu_s=None
+            if server_before is None or server_after is None
+            else server_after - server_before,
+        )
+
+
+def tree_cpu_seconds(root: int) -> float | None:
+    """Return the user + system CPU seconds of a process and its live descendants (Linux ``/proc``)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # Fields after the parenthesised command: state ppid ... utime(12th) stime(13th).
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    if root not in times:
+        return None
+    tree, grew = {root}, True
+    while grew:
+        grown = tree | {pid for pid, parent in parents.items() if parent in tree}
+        grew, tree = grown != tree, grown
+    return sum(times[pid] for pid in tree)
+
+
+# --- Scenarios -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One scenario's line in the table."""
+
+    label: str
+    connections: int
+    result: WrkResult | None
+    jobs: int | None = None
+    note: str = ""
+
+
+class Bench:
+    """The run's shared parts: options, wrk, the bodies and the rows measured so far."""
+
+    def __init__(self, options: argparse.Namespace, workdir: Path, call: dict[str, Any]) -> None:
+        self.options = options
+        self.workdir = workdir
+        self.call = call
+        self.wrk = Wrk(options.wrk_threads, options.timeout)
+        self.template = workdir / "chart-template.json"
+        self.template.write_text(chart_template(call))
+        self.same_body = workdir / "same-chart.json"
+        self.same_body.write_bytes(json.dumps(call).encode())
+        self.rows: dict[str, Row] = {}
+
+    def measure(
+        self,
+        key: str,
+        label: str,
+        url: str,
+        new_charts: bool,
+        connections: int,
+        server: subprocess.Popen[bytes],
+        redis_url: str | None = None,
+    ) -> Row:
+        """Check one call's cards, flush Redis, warm up, run the measured load, count the jobs; print it."""
+        body = render_chart(self.template.read_text(), 1) if new_charts else self.same_body.read_bytes()
+        answer = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+        answer.raise_for_status()
+        summaries = [card["summary"] for card in answer.json()["cards"]]
+        client = redis.Redis.from_url(redis_url) if redis_url else None
+        if client is not None:
+            client.flushall()
+        script, args = (
+            ("new_chart.lua", [str(self.template)])
+            if new_charts
+            else ("same_chart.lua", [str(self.same_body)])
+        )
+        if self.options.warmup > 0:
+            self.wrk.run(url, script, args, connections, self.options.warmup, None)
+        result = self.wrk.run(url, script, args, connections, self.options.duration, server.pid)
+        jobs = None
+        if client is not None:
+            jobs = sum(1 for _ in client.scan_iter(match="mgcds:job:*", count=1000))
+            client.close()
+        row = Row(label, connections, result, jobs)
+        self.rows[key] = row
+        print(f"{key}. {label}, {connections} connections", flush=True)
+        print(f"   cards of one call: {summaries}", flush=True)
+        print(f"   {describe(result)}", flush=True)
+        if jobs is not None:
+            print(
+                f"   summary jobs in Redis after warm-up + run: {jobs} (answers: {result.requests} measured)",
+                flush=True,
+            )
+        return row
+
+    def skip(self, key: str, label: str, connections: int, why: str) -> None:
+        """Record a scenario that could not run."""
+        self.rows[key] = Row(label, connections, None, note=why)
+        print(f"{key}. {label}: skipped ({why})", flush=True)
+
+
+def describe(result: WrkResult) -> str:
+    """Return one line of a result's figures."""
+    cpu = f"{result.server_cpu_ms:.1f} ms" if result.server_cpu_ms is not None else "n/a"
+    return (
+        f"{result.rate:7.1f} req/s  p50 {result.p50_ms:6.1f}  p95 {result.p95_ms:6.1f}  "
+        f"p99 {result.p99_ms:6.1f}  max {result.max_ms:6.1f} ms  non-2xx {result.non_2xx}  "
+        f"timeouts {result.timeouts}  socket errors {result.socket_errors}  no card {result.no_card}  "
+        f"server CPU {cpu}/request  wrk CPU {100 * result.wrk_cpu_s / result.seconds:.0f}% of a core"
     )
-    return result
+
+
+def ours_env(options: argparse.Namespace, port: int, redis_url: str, database_url: str) -> dict[str, str]:
+    """Return the service's environment: inherited MEDGEMMA_CDS_* dropped, so every default is the default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_CDS_")}
+    return env | {
+        "MEDGEMMA_CDS_AUTH_DISABLED": "true",
+        "MEDGEMMA_CDS_REDIS_URL": redis_url,
+        "MEDGEMMA_CDS_DATABASE_URL": database_url,
+        "MEDGEMMA_CDS_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "MEDGEMMA_CDS_FHIR_ALLOW_HTTP_LOOPBACK": "true",
+    }
+
+
+@contextmanager
+def serving_ours(
+    options: argparse.Namespace, redis_url: str, database_url: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run ``medgemma-cds serve`` on a free port with the given store; yield the hook URL and the process."""
+    port = free_port()
+    argv = [str(BIN / "medgemma-cds"), "serve", "--port", str(port), "--workers", str(options.workers)]
+    argv += ["--worker-class", options.worker_class, "--threads", str(options.threads)]
+    env = ours_env(options, port, redis_url, database_url)
+    with running(argv, f"http://127.0.0.1:{port}/healthz", env=env) as process:
+        yield f"http://127.0.0.1:{port}{SERVICE_PATH}", process
+
+
+def bench_bare(bench: Bench) -> None:
+    """Scenario a: the bare Flask endpoint."""
+    options = bench.options
+    port = free_port()
+    argv = [sys.executable] + (["-m", "gevent.monkey"] if options.worker_class == "gevent" else [])
+    argv += [__file__, "--serve-bare", str(port), "--workers", str(options.workers)]
+    argv += ["--worker-class", options.worker_class, "--threads", str(options.threads)]
+    with running(argv, f"http://127.0.0.1:{port}/healthz") as process:
+        bench.measure(
+            "a",
+            f"bare Flask JSON endpoint (gunicorn {options.worker_class})",
+            f"http://127.0.0.1:{port}{SERVICE_PATH}",
+            True,
+            options.connections,
+            process,
+        )
+
+
+def bench_store(bench: Bench, redis_url: str, database_url: str | None, store: str, keys: str) -> None:
+    """Scenarios b, c (SQLite) or d, e (PostgreSQL): new charts, then the same chart resent."""
+    options = bench.options
+    new_key, same_key = keys
+    if database_url is None:
+        for key, what in ((new_key, "new charts"), (same_key, "same chart")):
+            bench.skip(key, f"medgemma-cds, {store}, {what}", options.connections, "no PostgreSQL")
+        return
+    with serving_ours(options, redis_url, database_url) as (url, process):
+        bench.measure(
+            new_key, f"medgemma-cds, {store}, new charts", url, True, options.connections, process, redis_url
+        )
+        bench.measure(
+            same_key,
+            f"medgemma-cds, {store}, same chart",
+            url,
+            False,
+            options.connections,
+            process,
+            redis_url,
+        )
+
+
+def bench_peer(bench: Bench) -> None:
+    """Scenario f: HealthChain serving the same card, new charts."""
+    options = bench.options
+    python = peer_python()
+    port = free_port()
+    argv = [str(python), "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "peer_healthchain:app"]
+    argv += ["--port", str(port), "--workers", str(options.workers), "--log-level", "warning"]
+    argv += ["--no-access-log"]
+    with running(argv, f"http://127.0.0.1:{port}/cds/cds-discovery") as process:
+        bench.measure(
+            "f",
+            "HealthChain 0.16.1 (uvicorn), same card",
+            f"http://127.0.0.1:{port}/cds{SERVICE_PATH}",
+            True,
+            options.connections,
+            process,
+        )
+
+
+def bench_burst(bench: Bench, redis_url: str) -> None:
+    """Scenario g (SQLite, many connections of new charts, no worker), then prefetch fill on that server."""
+    options = bench.options
+    database_url = f"sqlite:///{bench.workdir / 'burst.db'}"
+    with serving_ours(options, redis_url, database_url) as (url, process):
+        bench.measure(
+            "g",
+            "medgemma-cds, SQLite, new charts, no worker",
+            url,
+            True,
+            options.burst_connections,
+            process,
+            redis_url,
+        )
+        if not options.no_fill:
+            bench_fill(bench, url)
+
+
+# --- Prefetch fill ---------------------------------------------------------------------------------------
 
 
 def sequential_ms(call: Callable[[], Any], count: int) -> list[float]:
@@ -344,9 +633,6 @@ def sequential_ms(call: Callable[[], Any], count: int) -> list[float]:
         call()
         times.append((time.perf_counter() - started) * 1000)
     return times
-
-
-# --- The measurements ------------------------------------------------------------------------------------
 
 
 def prefetch_fill(fhir_base: str, patient_id: str, rounds: int) -> tuple[float, float]:
@@ -383,146 +669,35 @@ def prefetch_fill(fhir_base: str, patient_id: str, rounds: int) -> tuple[float, 
     return medians[0], medians[1]
 
 
-def bench_ours(
-    options: argparse.Namespace, workdir: Path, call: dict[str, Any], bare: LoadResult
-) -> LoadResult:
-    """Measure parts 1 and 2: patient-summary under load, then prefetch filled from sekmet via the proxy."""
-    body = json.dumps(call).encode()
-    with (
-        redis_server() as redis_url,
-        database(workdir) as database_url,
-        sekmet(workdir / "fhir") as (fhir_base, patient_id),
-    ):
-        port = free_port()
-        env = dict(os.environ) | {
-            "MEDGEMMA_CDS_AUTH_DISABLED": "true",
-            "MEDGEMMA_CDS_HOOK_BUDGET_MS": "0",
-            "MEDGEMMA_CDS_REDIS_URL": redis_url,
-            "MEDGEMMA_CDS_DATABASE_URL": database_url,
-            "MEDGEMMA_CDS_PUBLIC_URL": f"http://127.0.0.1:{port}",
-            "MEDGEMMA_CDS_FHIR_ALLOW_HTTP_LOOPBACK": "true",
-        }
-        argv = [str(BIN / "medgemma-cds"), "serve", "--port", str(port)]
-        argv += ["--workers", str(options.workers), "--threads", str(options.threads)]
-        url = f"http://127.0.0.1:{port}/cds-services/patient-summary"
-        with running(argv, f"http://127.0.0.1:{port}/healthz", env=env):
-            ours = measure("medgemma-cds patient-summary", url, body, options)
+def bench_fill(bench: Bench, url: str) -> None:
+    """Prefetch from sekmet behind the latency proxy, then the hook over HTTP without vs with prefetch."""
+    rounds = bench.options.fill_rounds
+    print(f"\nprefetch fill from sekmet behind a +{ADDED_LATENCY_S * 1000:.0f} ms proxy", flush=True)
+    with sekmet(bench.workdir / "fhir") as (fhir_base, patient_id):
+        upstream = int(fhir_base.split(":")[2].split("/")[0])
+        with latency_proxy(upstream, ADDED_LATENCY_S) as proxy_port:
+            proxy_base = f"http://127.0.0.1:{proxy_port}/fhir"
+            concurrent_ms, one_by_one_ms = prefetch_fill(proxy_base, patient_id, rounds)
             print(
-                f"  ratio to bare: throughput x{ours.rate / bare.rate:.2f}, "
-                f"p50 x{ours.percentile(50) / bare.percentile(50):.2f}, "
-                f"p95 x{ours.percentile(95) / bare.percentile(95):.2f}",
+                f"  resolve_prefetch, 5 keys: concurrent {concurrent_ms:.1f} ms, one at a time "
+                f"{one_by_one_ms:.1f} ms (medians of {rounds}): x{one_by_one_ms / concurrent_ms:.2f}",
                 flush=True,
             )
-
-            print(f"\n2. prefetch from sekmet behind a +{ADDED_LATENCY_S * 1000:.0f} ms proxy", flush=True)
-            upstream = int(fhir_base.split(":")[2].split("/")[0])
-            with latency_proxy(upstream, ADDED_LATENCY_S) as proxy_port:
-                proxy_base = f"http://127.0.0.1:{proxy_port}/fhir"
-                concurrent_ms, one_by_one_ms = prefetch_fill(proxy_base, patient_id, options.fill_rounds)
-                print(
-                    f"  resolve_prefetch, 5 keys: concurrent {concurrent_ms:.1f} ms, one at a time "
-                    f"{one_by_one_ms:.1f} ms (medians of {options.fill_rounds}): "
-                    f"x{one_by_one_ms / concurrent_ms:.2f}",
-                    flush=True,
-                )
-                no_prefetch = hook_without_prefetch(call, proxy_base, patient_id)
-                with httpx.Client(timeout=30) as client:
-                    fetched, sent = (
-                        statistics.median(
-                            sequential_ms(
-                                lambda payload=payload: client.post(url, json=payload).raise_for_status(),
-                                options.fill_rounds,
-                            )
+            no_prefetch = hook_without_prefetch(bench.call, proxy_base, patient_id)
+            with httpx.Client(timeout=30) as client:
+                fetched, sent = (
+                    statistics.median(
+                        sequential_ms(
+                            lambda payload=payload: client.post(url, json=payload).raise_for_status(), rounds
                         )
-                        for payload in (no_prefetch, call)
                     )
-                print(
-                    f"  hook over HTTP, one at a time: no prefetch (5 reads via the proxy) {fetched:.1f} ms, "
-                    f"full prefetch {sent:.1f} ms (medians)",
-                    flush=True,
+                    for payload in (no_prefetch, bench.call)
                 )
-    return ours
-
-
-def bench_peer(options: argparse.Namespace, body: bytes) -> LoadResult:
-    """Measure part 3: HealthChain serving the same card under the same load."""
-    python = peer_python()
-    port = free_port()
-    argv = [str(python), "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "peer_healthchain:app"]
-    argv += [
-        "--port",
-        str(port),
-        "--workers",
-        str(options.workers),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    with running(argv, f"http://127.0.0.1:{port}/cds/cds-discovery"):
-        url = f"http://127.0.0.1:{port}/cds/cds-services/patient-summary"
-        answer = httpx.post(url, content=body, headers={"Content-Type": "application/json"}).json()
-        print(f"  peer card: {answer['cards'][0]['summary']}", flush=True)
-        return measure("healthchain patient-summary", url, body, options)
-
-
-def main() -> None:
-    """Run every measurement and print the figures and ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1500, help="requests per target (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=150)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="server worker processes (every target)")
-    parser.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker")
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="time cap per load run")
-    parser.add_argument("--fill-rounds", type=int, default=30)
-    parser.add_argument("--no-peer", action="store_true", help="skip HealthChain")
-    parser.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
-    options = parser.parse_args()
-    if options.serve_bare is not None:
-        serve_bare(options.serve_bare, options.workers, options.threads)
-        return
-    if shutil.which("redis-server") is None:
-        sys.exit("bench_hooks.py needs redis-server on PATH")
-
-    print(
-        f"{os.cpu_count()} CPUs; {options.workers} server workers x {options.threads} threads; "
-        f"{options.concurrency} client threads; {options.requests} requests per target",
-        flush=True,
-    )
-    discovery = {
-        "services": [{"id": "patient-summary", "hook": "patient-view", "prefetch": declared_prefetch()}]
-    }
-    _, call = hook_bodies(discovery)[0]
-    body = json.dumps(call).encode()
-
-    print("\n1. patient-summary, full prefetch, over HTTP", flush=True)
-    port = free_port()
-    argv = [sys.executable, __file__, "--serve-bare", str(port)]
-    argv += ["--workers", str(options.workers), "--threads", str(options.threads)]
-    with running(argv, f"http://127.0.0.1:{port}/healthz"):
-        bare = measure(
-            "bare Flask JSON endpoint (gunicorn)", f"http://127.0.0.1:{port}/cds-services/x", body, options
-        )
-    with tempfile.TemporaryDirectory() as folder:
-        ours = bench_ours(options, Path(folder), call, bare)
-
-    if not options.no_peer:
-        print("\n3. the peer: HealthChain (FastAPI on uvicorn), same card from the same prefetch", flush=True)
-        peer = bench_peer(options, body)
-        print(
-            f"  medgemma-cds / healthchain: throughput x{ours.rate / peer.rate:.2f}, "
-            f"p95 x{ours.percentile(95) / peer.percentile(95):.2f}",
-            flush=True,
-        )
-
-
-def declared_prefetch() -> dict[str, str]:
-    """Return patient-summary's prefetch templates as discovery shows them."""
-    from cds_service.registry import load_registry
-
-    definition = load_registry().get("patient-summary")
-    assert definition is not None
-    return {key: prefetch.query for key, prefetch in definition.prefetch.items()}
+            print(
+                f"  hook over HTTP, one at a time: no prefetch (5 reads via the proxy) {fetched:.1f} ms, "
+                f"full prefetch (same chart) {sent:.1f} ms (medians)",
+                flush=True,
+            )
 
 
 def hook_without_prefetch(call: dict[str, Any], fhir_base: str, patient_id: str) -> dict[str, Any]:
@@ -540,6 +715,149 @@ def hook_without_prefetch(call: dict[str, Any], fhir_base: str, patient_id: str)
             "subject": "medgemma-cds",
         },
     }
+
+
+# --- Report ----------------------------------------------------------------------------------------------
+
+
+def print_report(bench: Bench, budget_ms: int) -> None:
+    """Print the table (markdown), the ratios and PASS/FAIL against the targets."""
+    rows = bench.rows
+    print("\n| | connections | throughput | p50 | p95 | p99 | errors | server CPU/request |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, row in rows.items():
+        result = row.result
+        if result is None:
+            print(f"| {key}. {row.label} | {row.connections} | skipped: {row.note} | | | | | |")
+            continue
+        errors = result.non_2xx + result.timeouts + result.socket_errors + result.no_card
+        cpu = f"{result.server_cpu_ms:.1f} ms" if result.server_cpu_ms is not None else "n/a"
+        print(
+            f"| {key}. {row.label} | {row.connections} | {result.rate:.0f} req/s | {result.p50_ms:.1f} ms | "
+            f"{result.p95_ms:.1f} ms | {result.p99_ms:.1f} ms | {errors} | {cpu} |"
+        )
+
+    def result_of(key: str) -> WrkResult | None:
+        row = rows.get(key)
+        return row.result if row else None
+
+    bare, peer = result_of("a"), result_of("f")
+    print("\nratios (throughput; p95)")
+    checks: list[tuple[str, bool | None]] = []
+    for key in "bcde":
+        ours = result_of(key)
+        if ours is None:
+            continue
+        parts = []
+        if bare is not None:
+            parts.append(f"/bare x{ours.rate / bare.rate:.2f}; p95 x{ours.p95_ms / bare.p95_ms:.2f}")
+        if peer is not None:
+            parts.append(f"/HealthChain x{ours.rate / peer.rate:.2f}; p95 x{ours.p95_ms / peer.p95_ms:.2f}")
+        print(f"  {key}. {rows[key].label}: " + "   ".join(parts))
+    for key in "bd":
+        ours = result_of(key)
+        label = rows[key].label if key in rows else key
+        if ours is None:
+            checks.append((f"{key}. {label}: not measured", None))
+            continue
+        clean = ours.non_2xx + ours.timeouts + ours.socket_errors + ours.no_card == 0
+        checks.append(
+            (f"{key}. {label}: p95 {ours.p95_ms:.1f} ms <= {MAX_P95_MS:.0f} ms", ours.p95_ms <= MAX_P95_MS)
+        )
+        checks.append((f"{key}. {label}: every answer 200 with a card", clean))
+        if peer is not None:
+            ratio = ours.rate / peer.rate
+            checks.append(
+                (f"{key}. throughput x{ratio:.2f} of HealthChain >= x{MIN_TO_PEER}", ratio >= MIN_TO_PEER)
+            )
+        if bare is not None:
+            ratio = ours.rate / bare.rate
+            checks.append(
+                (f"{key}. throughput x{ratio:.2f} of bare Flask >= x{MIN_TO_BARE}", ratio >= MIN_TO_BARE)
+            )
+    burst = result_of("g")
+    if burst is not None:
+        limit = budget_ms + BURST_SLACK_MS
+        checks.append(
+            (
+                f"g. p95 {burst.p95_ms:.1f} ms <= budget {budget_ms} + {BURST_SLACK_MS:.0f} ms",
+                burst.p95_ms <= limit,
+            )
+        )
+        checks.append(
+            (
+                f"g. timeouts {burst.timeouts}, non-2xx {burst.non_2xx}, socket errors "
+                f"{burst.socket_errors}, answers without a card {burst.no_card}",
+                burst.timeouts + burst.non_2xx + burst.socket_errors + burst.no_card == 0,
+            )
+        )
+    print("\ntargets")
+    for text, passed in checks:
+        verdict = "SKIP" if passed is None else "PASS" if passed else "FAIL"
+        print(f"  {verdict}  {text}")
+
+
+def main() -> None:
+    """Run every scenario in order, then print the table, the ratios and the verdicts."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per scenario")
+    parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per scenario")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--burst-connections", type=int, default=64, help="scenario g")
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=10.0, help="wrk's per-request timeout, seconds")
+    parser.add_argument("--workers", type=int, default=2, help="server worker processes (every target)")
+    parser.add_argument("--worker-class", choices=["gevent", "gthread"], default="gevent")
+    parser.add_argument("--threads", type=int, default=8, help="threads per gthread worker")
+    parser.add_argument("--fill-rounds", type=int, default=10)
+    parser.add_argument("--no-fill", action="store_true", help="skip the prefetch fill measurement")
+    parser.add_argument("--no-peer", action="store_true", help="skip HealthChain")
+    parser.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.serve_bare is not None:
+        serve_bare(options.serve_bare, options.workers, options.worker_class, options.threads)
+        return
+    for program in ("wrk", "redis-server"):
+        if shutil.which(program) is None:
+            sys.exit(f"bench_hooks.py needs {program} on PATH (apt-get install {program.split('-')[0]})")
+
+    budget_ms = int(Settings.model_fields["hook_budget_ms"].default)
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split(
+        "\n"
+    )[0]
+    print(f"$ {shlex.join([Path(sys.executable).name, *sys.argv])}", flush=True)
+    print(
+        f"{os.cpu_count()} CPUs; servers: {options.workers} workers ({options.worker_class}); load: "
+        f"{wrk_version.split(' [')[0]}, {options.wrk_threads} threads; {options.warmup:g} s warm-up + "
+        f"{options.duration:g} s per scenario; hook budget {budget_ms} ms (default), no model worker\n",
+        flush=True,
+    )
+    discovery = {
+        "services": [{"id": "patient-summary", "hook": "patient-view", "prefetch": declared_prefetch()}]
+    }
+    _, call = hook_bodies(discovery)[0]
+    with tempfile.TemporaryDirectory(prefix="bench-hooks-") as folder, redis_server() as redis_url:
+        workdir = Path(folder)
+        bench = Bench(options, workdir, call)
+        bench_bare(bench)
+        bench_store(bench, redis_url, f"sqlite:///{workdir / 'cds.db'}", "SQLite", "bc")
+        with postgres_database() as database_url:
+            bench_store(bench, redis_url, database_url, "PostgreSQL", "de")
+        if options.no_peer:
+            bench.skip("f", "HealthChain", options.connections, "--no-peer")
+        else:
+            bench_peer(bench)
+        bench_burst(bench, redis_url)
+        print_report(bench, budget_ms)
+
+
+def declared_prefetch() -> dict[str, str]:
+    """Return patient-summary's prefetch templates as discovery shows them."""
+    from cds_service.registry import load_registry
+
+    definition = load_registry().get("patient-summary")
+    assert definition is not None
+    return {key: prefetch.query for key, prefetch in definition.prefetch.items()}
 
 
 if __name__ == "__main__":

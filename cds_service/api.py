@@ -46,10 +46,11 @@ def read_json_body() -> Any:
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
     try:
-        body = json.loads(request.get_data(cache=False))
+        text = request.get_data(cache=False).decode()
+        body = json.loads(text)
     except (ValueError, RecursionError):
         raise BadRequest("body is not valid JSON") from None
-    problem = json_problem(body, services().settings.max_json_depth)
+    problem = json_problem(text, body, services().settings.max_json_depth)
     if problem:
         raise BadRequest(problem)
     if not isinstance(body, dict):

@@ -44,25 +44,28 @@ def validate(model: type[Model], data: Any, prefix: str = "") -> Model:
         raise BadRequest(f"invalid request: {fields}", details=details) from None
 
 
-def json_problem(value: Any, max_depth: int) -> str | None:
+def json_problem(text: str, value: Any, max_depth: int) -> str | None:
     """Return what makes parsed JSON unacceptable (too deep, a NUL in a string), or None.
 
-    Walked iteratively, so hostile nesting can't blow the stack. NUL (U+0000) is refused because FHIR strings
-    forbid control characters and PostgreSQL text can't hold it.
+    ``text`` is the JSON as received, ``value`` what it parsed to. Walked iteratively, so hostile nesting
+    can't blow the stack; only containers are visited for the depth. NUL (U+0000) is refused because FHIR
+    strings forbid control characters and PostgreSQL text can't hold it: JSON can only carry it escaped
+    (``\\u0000``; a raw control character doesn't parse), so strings are searched only when the text has one.
     """
+    search_strings = "\\u0000" in text
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:
             return f"JSON nests deeper than {max_depth} levels"
-        if isinstance(node, dict):
-            if any("\x00" in key for key in node):
-                return "JSON strings must not contain NUL (U+0000)"
-            stack.extend((child, depth + 1) for child in node.values())
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node)
-        elif isinstance(node, str) and "\x00" in node:
+        children = node.values() if type(node) is dict else node
+        if search_strings and type(node) is dict and any("\x00" in key for key in node):
             return "JSON strings must not contain NUL (U+0000)"
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+            elif search_strings and type(child) is str and "\x00" in child:
+                return "JSON strings must not contain NUL (U+0000)"
     return None
 
 

@@ -66,33 +66,46 @@ def now_iso() -> str:
 class JobStore:
     """Job records in Redis: ``mgcds:job:{id}`` hashes that expire, written by the API and the workers."""
 
+    # Create-if-absent in one round trip: the record's fields and expiry are set only by the call that
+    # created it, so a concurrent hook for the same record finds it whole or not at all.
+    _CREATE = """
+    if redis.call('HSETNX', KEYS[1], 'state', 'queued') == 0 then return 0 end
+    redis.call('HSET', KEYS[1], 'service_id', ARGV[1], 'task', ARGV[2], 'created_at', ARGV[3],
+               'attempts', 0, 'request', ARGV[4])
+    redis.call('EXPIRE', KEYS[1], ARGV[5])
+    return 1
+    """
+
     def __init__(self, redis_client: redis.Redis, ttl_s: int) -> None:
         self.redis = redis_client
         self.ttl_s = ttl_s
+        self._create = redis_client.register_script(self._CREATE)
 
     @staticmethod
     def key(job_id: str) -> str:
         """Return the Redis key of a job."""
         return f"mgcds:job:{job_id}"
 
-    def create(self, request: ModelJobRequest) -> tuple[str, bool]:
-        """Create the record unless one exists; return the id and whether this call created it."""
+    def create(self, request: ModelJobRequest) -> tuple[str, JobRecord | None]:
+        """Create the record unless one exists; return the id and, when this call created it, its record."""
         job_id = request.job_id()
-        key = self.key(job_id)
-        created = self.redis.hsetnx(key, "state", "queued")
-        if created:
-            self.redis.hset(
-                key,
-                mapping={
-                    "service_id": request.service_id,
-                    "task": request.task,
-                    "created_at": now_iso(),
-                    "attempts": 0,
-                    "request": request.model_dump_json(),
-                },
-            )
-            self.redis.expire(key, self.ttl_s)
-        return job_id, bool(created)
+        created_at = datetime.now(UTC)
+        created = self._create(
+            keys=[self.key(job_id)],
+            args=[
+                request.service_id,
+                request.task,
+                created_at.isoformat(),
+                request.model_dump_json(),
+                self.ttl_s,
+            ],
+        )
+        if not created:
+            return job_id, None
+        record = JobRecord(
+            id=job_id, service_id=request.service_id, task=request.task, state="queued", created_at=created_at
+        )
+        return job_id, record
 
     def request_of(self, job_id: str) -> ModelJobRequest | None:
         """Return the stored request of a job, or None when the record is gone."""
@@ -252,9 +265,9 @@ class JobQueue:
         )
         try:
             job_id, created = self.store.create(job)
-            if created:
+            if created is not None:
                 self._send(job_id, role)
-            record = self.store.get(job_id)
+            record = created or self.store.get(job_id)
             self._on_lookup(record is not None and record.state == "done")
             if record is None or record.state not in ("queued", "running"):
                 return record

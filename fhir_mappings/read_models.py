@@ -18,7 +18,6 @@ from typing import Annotated
 from typing import Any
 from typing import TypeVar
 
-from pydantic import AfterValidator
 from pydantic import BaseModel
 from pydantic import BeforeValidator
 from pydantic import ConfigDict
@@ -44,23 +43,26 @@ def _note(info: ValidationInfo, kind: str) -> None:
         info.context["tolerated"][kind] += 1
 
 
-def _as_list(value: Any, info: ValidationInfo) -> Any:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        _note(info, SINGLE_AS_LIST)
-        return [value]
-    return value
-
-
-def _first(value: Any, info: ValidationInfo) -> Any:
+def _text(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+    # The common case first, with no further call: this runs for every string element of every resource.
+    if type(value) is str or value is None:
+        return value
     if isinstance(value, list):
         _note(info, LIST_AS_SINGLE)
-        return value[0] if value else None
-    return value
+        return _text(value[0] if value else None, handler, info)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        _note(info, NUMBER_AS_STRING)
+        return str(value)
+    _note(info, INVALID_DROPPED)
+    return None
 
 
-def _or_none(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+def _one(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+    if isinstance(value, list):
+        _note(info, LIST_AS_SINGLE)
+        value = value[0] if value else None
+    if value is None:
+        return None
     # An unreadable element is dropped, not fatal: the reader sees it as absent (HAPI's lenient parsing).
     try:
         return handler(value)
@@ -69,35 +71,33 @@ def _or_none(value: Any, handler: ValidatorFunctionWrapHandler, info: Validation
         return None
 
 
-def _number_as_text(value: Any, info: ValidationInfo) -> Any:
-    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        _note(info, NUMBER_AS_STRING)
-        return str(value)
-    return value
-
-
-def _without_none(items: list[Any]) -> list[Any]:
-    return [item for item in items if item is not None]
+def _many(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _note(info, SINGLE_AS_LIST)
+        value = [value]
+    try:
+        # A contained resource or Bundle entry that isn't a resource is read as None: leave it out.
+        return [item for item in handler(value) if item is not None]
+    except ValidationError:
+        pass
+    # Only when some item can't be read: keep the items that can, one by one.
+    kept = []
+    for item in value:
+        try:
+            kept += [read for read in handler([item]) if read is not None]
+        except ValidationError:
+            _note(info, INVALID_DROPPED)
+    return kept
 
 
 #: Zero or more values: a single value is wrapped, unreadable items are dropped, absent is ``[]``.
-Many = TypeAliasType(
-    "Many",
-    Annotated[
-        list[Annotated[T | None, WrapValidator(_or_none)]],
-        BeforeValidator(_as_list),
-        AfterValidator(_without_none),
-    ],
-    type_params=(T,),
-)
+Many = TypeAliasType("Many", Annotated[list[T], WrapValidator(_many)], type_params=(T,))
 #: At most one value: a list gives its first item, an unreadable value is None.
-One = TypeAliasType(
-    "One", Annotated[T | None, WrapValidator(_or_none), BeforeValidator(_first)], type_params=(T,)
-)
+One = TypeAliasType("One", Annotated[T | None, WrapValidator(_one)], type_params=(T,))
 #: A FHIR string-like primitive (string, code, uri, id, date, dateTime, instant): a number is read as text.
-Text = Annotated[
-    str | None, WrapValidator(_or_none), BeforeValidator(_number_as_text), BeforeValidator(_first)
-]
+Text = Annotated[str | None, WrapValidator(_text)]
 
 
 class Element(BaseModel):

@@ -6,7 +6,7 @@
 -- Each request fills them from RUN, the thread's number and a per-thread counter, so no two requests of a
 -- bench run (RUN differs per wrk run) carry the same patient, prefetch JSON or content hashes.
 
-dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "report.lua")
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")
 
 local literals, names, tail = {}, {}, ""
 local run, counter = 0, 0

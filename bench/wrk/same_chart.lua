@@ -3,7 +3,7 @@
 -- Usage: wrk -s bench/wrk/same_chart.lua URL -- BODY_FILE
 -- The request is built once per thread (no request() function: wrk's static path).
 
-dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "report.lua")
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")
 
 function init(args)
    local file = assert(io.open(args[1], "rb"))
