@@ -53,7 +53,9 @@ def json_problem(text: str, value: Any, max_depth: int) -> str | None:
     (``\\u0000``; a raw control character doesn't parse), so strings are searched only when the text has one.
     """
     search_strings = "\\u0000" in text
-    stack = [(value, 1)]
+    if type(value) is str:
+        return "JSON strings must not contain NUL (U+0000)" if "\x00" in value else None
+    stack = [(value, 1)] if type(value) is dict or type(value) is list else []
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:
