@@ -26,6 +26,7 @@ from cds_service.metrics import init_metrics
 from cds_service.prefetch import ParsedPrefetchCache
 from cds_service.registry import Registry
 from cds_service.registry import load_registry
+from cds_service.review import init_review
 from cds_service.settings import Settings
 from cds_service.store import AuditWriter
 from cds_service.store import Store
@@ -145,5 +146,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(drafts_api.bp)
     app.register_blueprint(openapi.bp)
+    init_review(app)
     init_metrics(app)
     return app

@@ -1,8 +1,11 @@
 """Drafts of AI reports in the durable store, and the clinician's sign-off or rejection.
 
-A draft is created once per image (idempotent on the image's content and study). Signing turns it into a
-final DiagnosticReport with the clinician as results interpreter and writes it, with the AI's and the
-clinician's Provenance, to the write-back FHIR server; rejecting writes nothing to the record.
+A draft belongs to one patient on one FHIR server and is created once per image there (idempotent on the
+image's content, study, patient and server). Signing turns it into a final DiagnosticReport with the
+clinician as results interpreter, once, on every store (an atomic conditional update), and then writes it,
+with the AI's and the clinician's Provenance, to the EHR's FHIR server with the clinician's own token (or
+the configured write-back server). A refused write leaves the draft signed and the failure visible, to be
+retried; rejecting writes nothing to the record.
 """
 
 from __future__ import annotations
@@ -10,16 +13,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from datetime import datetime
-from typing import Any
+from dataclasses import dataclass
 
 import httpx
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from cds_service.errors import Conflict
 from cds_service.errors import NotFound
-from cds_service.errors import UpstreamError
 from cds_service.settings import Settings
 from cds_service.store import Draft
 from cds_service.store import Store
@@ -37,9 +40,27 @@ from fhir_mappings.reports import writeback_bundle
 log = logging.getLogger(__name__)
 
 
-def source_key(image_hash: str, study: str | None) -> str:
-    """Return the idempotency key of a draft: the image's content and the study it belongs to."""
-    return hashlib.sha256(f"{image_hash}|{study or ''}".encode()).hexdigest()
+def source_key(image_hash: str, study: str | None, patient_id: str, fhir_server: str | None) -> str:
+    """Return the idempotency key of a draft: the image's content, its study, its patient and server."""
+    material = "|".join([image_hash, study or "", patient_id, (fhir_server or "").rstrip("/")])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """Where a signed report is written: a FHIR base and the bearer token to write with."""
+
+    base_url: str
+    token: str | None
+
+
+class WriteBackFailed(Exception):
+    """The FHIR server did not take the signed report; ``status`` is its HTTP answer (None: unreachable)."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
 
 
 def impression_of(text: str) -> str:
@@ -66,13 +87,14 @@ class DraftService:
         study: str | None,
         image_ref: str,
         patient_id: str,
+        fhir_server: str | None,
         encounter_id: str | None,
         requested_by: str,
         evidence: list[str],
         input_hashes: list[str],
     ) -> Draft:
-        """Return the draft for this image, creating it from the finished job the first time."""
-        key = source_key(image_hash, study)
+        """Return the draft for this image of this patient, made from the finished job the first time."""
+        key = source_key(image_hash, study, patient_id, fhir_server)
         existing = self.find(key)
         if existing is not None:
             return existing
@@ -94,6 +116,7 @@ class DraftService:
             source_key=key,
             status="draft",
             patient_id=patient_id,
+            fhir_server=(fhir_server or "").rstrip("/") or None,
             encounter_id=encounter_id,
             requested_by=requested_by,
             study_ref=study,
@@ -144,57 +167,130 @@ class DraftService:
         with self.store.session() as session:
             return list(session.scalars(query))
 
-    def sign(self, draft_id: str, text: str, practitioner: str, practitioner_name: str) -> Draft:
-        """Sign a draft: final report with the clinician's text, written back once; a repeat is a no-op."""
+    def sign(
+        self, draft_id: str, text: str, practitioner: str, practitioner_name: str, target: WriteTarget | None
+    ) -> Draft:
+        """Sign a draft once and write the final report to ``target`` (else the configured write-back).
+
+        Signing is one conditional update (status draft → signed), so two concurrent first signs, on any
+        store, sign once and write once; a repeat is a no-op. A patient gone from the server (404/410)
+        refuses the sign and changes nothing; any other failure to write leaves the draft signed with the
+        failure recorded, for ``retry_write_back``.
+        """
+        draft = self.get(draft_id)
+        if draft.status == "rejected":
+            raise Conflict("this draft was rejected; it cannot be signed")
+        if draft.status == "signed":
+            return draft
+        destination = self._destination(target)
+        patient_problem = self._patient_problem(draft, destination) if destination else None
+        now = utcnow()
+        final = signed_report(
+            draft.draft_report, text, impression_of(text), practitioner, practitioner_name, now
+        )
         with self.store.session() as session:
-            # The row lock serialises a double-click: the second request waits, then sees "signed".
-            draft = session.get(Draft, draft_id, with_for_update=True)
-            if draft is None:
-                raise NotFound("no such draft")
-            if draft.status == "signed":
-                return draft
-            if draft.status == "rejected":
+            claimed = session.execute(
+                update(Draft)
+                .where(Draft.id == draft_id, Draft.status == "draft")
+                .values(
+                    status="signed",
+                    signed_text=text,
+                    signed_by=practitioner,
+                    signed_by_name=practitioner_name,
+                    signed_at=now,
+                    final_report=final.model_dump(mode="json", exclude_none=True),
+                )
+            ).rowcount
+        if not claimed:
+            # Someone else signed or rejected it in between: their decision stands.
+            current = self.get(draft_id)
+            if current.status == "rejected":
                 raise Conflict("this draft was rejected; it cannot be signed")
-            now = utcnow()
-            final = signed_report(
-                draft.draft_report, text, impression_of(text), practitioner, practitioner_name, now
+            return current
+        if destination is not None:
+            if patient_problem is not None:
+                self._record_write_back(draft_id, None, patient_problem)
+            else:
+                self._write_back_now(self.get(draft_id), destination)
+        return self.get(draft_id)
+
+    def retry_write_back(self, draft_id: str, target: WriteTarget | None) -> Draft:
+        """Write a signed draft whose write-back failed, again; a written one is left as it is."""
+        draft = self.get(draft_id)
+        if draft.status != "signed":
+            raise Conflict("only a signed draft can be written to the record")
+        destination = self._destination(target)
+        if draft.writeback or destination is None:
+            return draft
+        problem = self._patient_problem(draft, destination)
+        if problem is not None:
+            self._record_write_back(draft_id, None, problem)
+        else:
+            self._write_back_now(draft, destination)
+        return self.get(draft_id)
+
+    def _destination(self, target: WriteTarget | None) -> WriteTarget | None:
+        # The clinician's own token on the launching EHR first; the configured server is the fallback for
+        # EHRs that grant the app no write scope.
+        if target is not None:
+            return target
+        if self.settings.fhir_writeback_url:
+            token = self.settings.fhir_writeback_token
+            return WriteTarget(self.settings.fhir_writeback_url, token.get_secret_value() if token else None)
+        return None
+
+    def _patient_problem(self, draft: Draft, target: WriteTarget) -> str | None:
+        """Return why the patient can't be confirmed on the target (None: it answered 200).
+
+        A patient that is gone raises Conflict before anything is signed; only a 200 lets a write go ahead.
+        """
+        try:
+            answer = self.http.get(
+                f"{target.base_url.rstrip('/')}/Patient/{draft.patient_id}", headers=_headers(target)
             )
-            if self.settings.fhir_writeback_url:
-                draft.writeback = self._write_back(draft, final, practitioner, practitioner_name, now)
-            draft.status = "signed"
-            draft.signed_text = text
-            draft.signed_by = practitioner
-            draft.signed_by_name = practitioner_name
-            draft.signed_at = now
-            draft.final_report = final.model_dump(mode="json", exclude_none=True)
-        return draft
+        except httpx.HTTPError:
+            return "the FHIR server was unreachable"
+        if answer.status_code in (404, 410):
+            raise Conflict("the patient no longer exists on the FHIR server; nothing was written")
+        if answer.status_code != 200:
+            return f"the FHIR server answered {answer.status_code} reading the patient"
+        return None
+
+    def _write_back_now(self, draft: Draft, target: WriteTarget) -> None:
+        try:
+            location = self._write_back(draft, target)
+        except WriteBackFailed as failed:
+            log.warning("write-back refused", extra={"status": failed.status})
+            self._record_write_back(draft.id, None, failed.reason)
+            return
+        self._record_write_back(draft.id, location, None)
+
+    def _record_write_back(self, draft_id: str, location: str | None, error: str | None) -> None:
+        with self.store.session() as session:
+            session.execute(
+                update(Draft).where(Draft.id == draft_id).values(writeback=location, writeback_error=error)
+            )
 
     def reject(self, draft_id: str, reason: str, rejected_by: str) -> Draft:
         """Reject a draft, keeping the reason; nothing is written to the record."""
         with self.store.session() as session:
-            draft = session.get(Draft, draft_id, with_for_update=True)
-            if draft is None:
-                raise NotFound("no such draft")
-            if draft.status == "signed":
-                raise Conflict("this draft is already signed")
-            if draft.status == "draft":
-                draft.status = "rejected"
-                draft.reject_reason = reason
-                draft.rejected_by = rejected_by
-                draft.rejected_at = utcnow()
+            rejected = session.execute(
+                update(Draft)
+                .where(Draft.id == draft_id, Draft.status == "draft")
+                .values(
+                    status="rejected", reject_reason=reason, rejected_by=rejected_by, rejected_at=utcnow()
+                )
+            ).rowcount
+        draft = self.get(draft_id)
+        if not rejected and draft.status == "signed":
+            raise Conflict("this draft is already signed")
         return draft
 
-    def _write_back(
-        self, draft: Draft, final: Any, practitioner: str, practitioner_name: str, now: datetime
-    ) -> str:
-        base = (self.settings.fhir_writeback_url or "").rstrip("/")
-        headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-        if self.settings.fhir_writeback_token:
-            headers["Authorization"] = f"Bearer {self.settings.fhir_writeback_token.get_secret_value()}"
+    def _write_back(self, draft: Draft, target: WriteTarget) -> str:
+        """Write the final report and both Provenances (conditional create); return the report's reference."""
+        base = target.base_url.rstrip("/")
+        headers = _headers(target)
         try:
-            patient = self.http.get(f"{base}/Patient/{draft.patient_id}", headers=headers)
-            if patient.status_code in (404, 410):
-                raise Conflict("the patient no longer exists on the FHIR server; nothing was written")
             existing = self.http.get(
                 f"{base}/DiagnosticReport",
                 params={"identifier": f"{DRAFT_IDENTIFIER_SYSTEM}|{draft.id}"},
@@ -203,18 +299,35 @@ class DraftService:
             if existing.status_code == 200 and existing.json().get("entry"):
                 # A previous attempt wrote the report but died before recording it: don't write again.
                 return f"DiagnosticReport/{existing.json()['entry'][0]['resource']['id']}"
+            final = signed_report_of(draft)
             bundle = writeback_bundle(
-                final, draft.id, (draft.model_id, draft.model_version), (practitioner, practitioner_name), now
+                final,
+                draft.id,
+                (draft.model_id, draft.model_version),
+                (draft.signed_by or "", draft.signed_by_name or ""),
+                draft.signed_at or utcnow(),
             )
             answer = self.http.post(base, content=bundle.model_dump_json(exclude_none=True), headers=headers)
-        except httpx.HTTPError:
-            raise UpstreamError(
-                "the FHIR server for write-back is unreachable; the draft is unchanged"
+        except (httpx.HTTPError, ValueError):
+            raise WriteBackFailed(
+                "the FHIR server was unreachable or answered something else than FHIR"
             ) from None
         if answer.status_code >= 300:
-            log.warning("write-back refused", extra={"status": answer.status_code})
-            raise UpstreamError(
-                f"the FHIR server refused the signed report ({answer.status_code}); the draft is unchanged"
+            refused = "refused" if answer.status_code in (401, 403) else "did not take"
+            raise WriteBackFailed(
+                f"the FHIR server {refused} the signed report ({answer.status_code})", answer.status_code
             )
         location = answer.json()["entry"][0]["response"].get("location", "")
         return "/".join(location.split("/_history")[0].split("/")[-2:])
+
+
+def _headers(target: WriteTarget) -> dict[str, str]:
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    if target.token:
+        headers["Authorization"] = f"Bearer {target.token}"
+    return headers
+
+
+def signed_report_of(draft: Draft) -> DiagnosticReport:
+    """Return the signed draft's final DiagnosticReport as the fhir.resources object that was stored."""
+    return DiagnosticReport.model_validate(draft.final_report)

@@ -1,4 +1,9 @@
-"""Draft endpoints: the worklist and JSON views (JWT), and the clinician's review page (signed link)."""
+"""Draft endpoints: the worklist and JSON views for EHRs (JWT), and the development review page.
+
+Clinicians review and sign in the SMART review app (``cds_service.review``). The signed-link page here is a
+development mode for clients without SMART (the public CDS Hooks sandbox over an open FHIR server): it is
+view-only unless development mode (``MEDGEMMA_CDS_DEV_MODE``, implied by ``AUTH_DISABLED``) is on.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pydantic import Field
 from cds_service.api import authenticate
 from cds_service.api import read_json_body
 from cds_service.api import services
+from cds_service.errors import Forbidden
 from cds_service.errors import Unauthorized
 from cds_service.invoke import validate
 from cds_service.signed_links import link_grants
@@ -43,6 +49,7 @@ class DraftView(WireModel):
     signed_by_name: str | None = None
     signed_at: str | None = None
     written_to: str | None = None
+    write_back_error: str | None = None
     reject_reason: str | None = None
     rejected_at: str | None = None
     created_at: str
@@ -65,6 +72,7 @@ class DraftView(WireModel):
             signed_by_name=draft.signed_by_name,
             signed_at=draft.signed_at.isoformat() if draft.signed_at else None,
             written_to=draft.writeback,
+            write_back_error=draft.writeback_error,
             reject_reason=draft.reject_reason,
             rejected_at=draft.rejected_at.isoformat() if draft.rejected_at else None,
             created_at=draft.created_at.isoformat(),
@@ -93,9 +101,14 @@ def check_review_access(draft_id: str, access: str | None) -> None:
 
 
 def _submitted(model: type[BaseModel], draft_id: str, action: str) -> tuple[Any, bool]:
-    """Return the validated sign/reject request and whether it came from the review page's form."""
+    """Return the validated sign/reject request and whether it came from the review page's form.
+
+    The form's identity is typed, not asserted by an EHR: it is accepted in development mode only.
+    """
     if request.mimetype == "application/x-www-form-urlencoded":
         check_review_access(draft_id, request.form.get("access"))
+        if not services().settings.development:
+            raise Forbidden("signing from a review link is for development only: open the draft from the EHR")
         data = {k: v for k, v in request.form.items() if k != "access"}
         return validate(model, data), True
     authenticate(f"/drafts/{draft_id}/{action}")
@@ -128,6 +141,7 @@ def review_page(draft_id: str) -> str:
         "review.html",
         draft=draft,
         access=access,
+        can_sign=services().settings.development,
         practitioner=draft.requested_by if (draft.requested_by or "").startswith("Practitioner/") else "",
     )
 
@@ -144,9 +158,11 @@ def draft_image(draft_id: str) -> Response:
 def sign_draft(draft_id: str) -> Any:
     """Sign: the report becomes final with the clinician's text; written back once."""
     sign, from_page = _submitted(SignRequest, draft_id, "sign")
-    draft = services().drafts.sign(draft_id, sign.text, sign.practitioner, sign.practitioner_name)
+    draft = services().drafts.sign(draft_id, sign.text, sign.practitioner, sign.practitioner_name, None)
     if from_page:
-        return render_template("review.html", draft=draft, access=request.form.get("access"), practitioner="")
+        return render_template(
+            "review.html", draft=draft, access=request.form.get("access"), can_sign=True, practitioner=""
+        )
     return jsonify(DraftView.of(draft).wire())
 
 
@@ -156,5 +172,7 @@ def reject_draft(draft_id: str) -> Any:
     reject, from_page = _submitted(RejectRequest, draft_id, "reject")
     draft = services().drafts.reject(draft_id, reject.reason, reject.practitioner)
     if from_page:
-        return render_template("review.html", draft=draft, access=request.form.get("access"), practitioner="")
+        return render_template(
+            "review.html", draft=draft, access=request.form.get("access"), can_sign=True, practitioner=""
+        )
     return jsonify(DraftView.of(draft).wire())

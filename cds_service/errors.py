@@ -38,6 +38,13 @@ class Unauthorized(CdsError):
     code = "unauthorized"
 
 
+class Forbidden(CdsError):
+    """Authenticated, but not allowed to do this (403), e.g. signing from a development review link."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(CdsError):
     """Unknown service, job or draft (404)."""
 

@@ -97,6 +97,7 @@ class FhirReader:
     def _get(self, url: str, headers: dict[str, str]) -> httpx.Response:
         # Redirects are followed by hand so that every hop is checked against the allowlist before any
         # connection (and the bearer token) goes to it.
+        origin = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = self._http.get(url, headers=headers, follow_redirects=False)
@@ -109,7 +110,20 @@ class FhirReader:
             url = urljoin(url, response.headers.get("Location", ""))
             # The guard judges where a request goes (scheme, host, port, path), not a search's query.
             check_fhir_server_url(_without_query(url), self._allowlist, self._allow_http_loopback)
+            if _origin(url) != origin and "Authorization" in headers:
+                # The token was issued for the fhirServer's origin; another allowlisted origin is another
+                # party. RFC 9110 §15.4 asks a client following a redirect to consider dropping
+                # Authorization; like httpx and browsers we drop it across origins, for this hop and the rest.
+                headers = {name: value for name, value in headers.items() if name != "Authorization"}
         raise FhirReadError("status", "FHIR server redirected too many times", 310)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    # RFC 6454 §4: scheme, host and port, the port defaulted from the scheme.
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
 
 
 def _without_query(url: str) -> str:

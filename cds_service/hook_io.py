@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
+from urllib.parse import urlencode
 from urllib.parse import urljoin
 
 from cds_service.drafts import DraftService
@@ -69,12 +70,14 @@ class StoreDraftRecorder:
         drafts: DraftService,
         settings: Settings,
         patient_id: str,
+        fhir_server: str | None,
         encounter_id: str | None,
         user_id: str,
     ) -> None:
         self.drafts = drafts
         self.settings = settings
         self.patient_id = patient_id
+        self.fhir_server = fhir_server
         self.encounter_id = encounter_id
         self.user_id = user_id
 
@@ -90,12 +93,25 @@ class StoreDraftRecorder:
             study=study,
             image_ref=image_ref,
             patient_id=self.patient_id,
+            fhir_server=self.fhir_server,
             encounter_id=self.encounter_id,
             requested_by=self.user_id,
             evidence=evidence,
             input_hashes=[image.content_hash],
         )
-        token = sign_link(self.settings, "draft-review", draft.id)
-        base = self.settings.public_url.rstrip("/")
-        review_url = urljoin(base + "/", f"drafts/{draft.id}/review?access={token}")
-        return DraftRef(id=draft.id, status=draft.status, report=draft.draft_report, review_url=review_url)
+        base = self.settings.public_url.rstrip("/") + "/"
+        # The SMART launch URL names the draft itself: real launchers keep the app's query string but drop
+        # appContext (the card carries both).
+        launch_url = urljoin(base, f"review/launch?{urlencode({'draft': draft.id})}")
+        development_url = None
+        if self.settings.development:
+            # For clients without SMART (the public CDS Hooks sandbox over an open FHIR server).
+            token = sign_link(self.settings, "draft-review", draft.id)
+            development_url = urljoin(base, f"drafts/{draft.id}/review?{urlencode({'access': token})}")
+        return DraftRef(
+            id=draft.id,
+            status=draft.status,
+            report=draft.draft_report,
+            review_url=launch_url,
+            development_url=development_url,
+        )

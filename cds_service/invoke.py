@@ -147,7 +147,9 @@ def run_service(
         public_url=settings.public_url.rstrip("/"),
         jobs=jobs,
         images=RecordImages(settings, open_reader if fhir_server else None),
-        drafts=StoreDraftRecorder(drafts, settings, context.patient_id, context.encounter_id, context.user_id)
+        drafts=StoreDraftRecorder(
+            drafts, settings, context.patient_id, fhir_server, context.encounter_id, context.user_id
+        )
         if drafts is not None
         else None,
     )

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     )
 
     # Security
+    dev_mode: bool = Field(
+        default=False,
+        description=(
+            "Development mode (AUTH_DISABLED implies it): signed review links may sign, and the public CDS "
+            "Hooks sandbox issuer and short secrets are allowed. Never in production."
+        ),
+    )
     auth_disabled: bool = False
     trusted_issuers: Path | None = Field(
         default=None, description="JSON or YAML file: {'issuers': {iss: {jwks_file | jwks_uri, ...}}}"
@@ -79,6 +86,15 @@ class Settings(BaseSettings):
     )
     review_link_ttl_s: int = Field(default=12 * 3600, ge=60)
 
+    # The review app as a SMART on FHIR app (SMART App Launch 2.0)
+    smart_client_id: str = Field(
+        default="medgemma-cds-review", description="client_id the EHR registered the review app under"
+    )
+    smart_client_secret: SecretStr | None = Field(
+        default=None, description="Confidential client secret (client_secret_basic); unset: a public client"
+    )
+    smart_session_ttl_s: int = Field(default=8 * 3600, ge=60, description="Lifetime of a review-app session")
+
     # Limits
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     max_json_depth: int = Field(default=64, ge=8)
@@ -90,6 +106,11 @@ class Settings(BaseSettings):
     # Worker
     task_soft_time_limit_s: int = Field(default=300, ge=5)
     task_time_limit_s: int = Field(default=360, ge=10)
+
+    @property
+    def development(self) -> bool:
+        """Return whether development mode is on (``DEV_MODE``, or ``AUTH_DISABLED`` which implies it)."""
+        return self.dev_mode or self.auth_disabled
 
 
 class SettingsProblem(ValueError):

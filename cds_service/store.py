@@ -266,10 +266,12 @@ class Draft(Base):
     __tablename__ = "drafts"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    # One draft per image content and study: a re-fired hook finds it instead of drafting again.
+    # One draft per image content, study, patient and FHIR server: a re-fired hook finds it instead of
+    # drafting again, and the same image sent for another patient or by another EHR is another draft.
     source_key: Mapped[str] = mapped_column(String(64), unique=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default="draft")
     patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    fhir_server: Mapped[str | None] = mapped_column(String(2048))
     encounter_id: Mapped[str | None] = mapped_column(String(64))
     requested_by: Mapped[str | None] = mapped_column(String(128))
     study_ref: Mapped[str | None] = mapped_column(String(128))
@@ -290,6 +292,7 @@ class Draft(Base):
     signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     final_report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     writeback: Mapped[str | None] = mapped_column(String(512))
+    writeback_error: Mapped[str | None] = mapped_column(String(512))
     reject_reason: Mapped[str | None] = mapped_column(Text)
     rejected_by: Mapped[str | None] = mapped_column(String(128))
     rejected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

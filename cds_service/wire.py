@@ -403,6 +403,7 @@ class DraftRef:
     status: str
     report: dict[str, Any]
     review_url: str
+    development_url: str | None = None
 
 
 class RecordImages(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from cds_service.wire import Action
@@ -125,9 +126,14 @@ def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: Draf
                 label="Review and sign the draft",
                 url=draft.review_url,
                 type="smart",
-                app_context=f'{{"draftId": "{draft.id}"}}',
+                app_context=json.dumps({"draftId": draft.id}),
             )
-        ],
+        ]
+        + (
+            [Link(label="Review the draft (development link)", url=draft.development_url, type="absolute")]
+            if draft.development_url
+            else []
+        ),
     )
 
 

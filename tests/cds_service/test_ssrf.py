@@ -81,10 +81,11 @@ class RedirectingFhir(ThreadingHTTPServer):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 outer.requests.append((self.path, self.headers.get("Authorization")))
                 route, _, rest = self.path.removeprefix("/fhir/").partition("/")
+                port = outer.redirect_port
                 targets = {
-                    "to-b": f"http://127.0.0.1:{redirect_port}/fhir/{rest}",
-                    "to-localhost": f"http://localhost:{redirect_port}/fhir/{rest}",
-                    "protocol-relative": f"//127.0.0.1:{redirect_port}/fhir/{rest}",
+                    "to-b": f"http://127.0.0.1:{port}/fhir/{rest}",
+                    "to-localhost": f"http://localhost:{port}/fhir/{rest}",
+                    "protocol-relative": f"//127.0.0.1:{port}/fhir/{rest}",
                     "to-outside-path": f"/elsewhere/{rest}",
                     "inside": f"/fhir/data/{rest}",
                 }
@@ -112,6 +113,7 @@ class RedirectingFhir(ThreadingHTTPServer):
         self.daemon_threads = True
         self.requests: list[tuple[str, str | None]] = []
         self.port = int(self.server_address[1])
+        self.redirect_port = redirect_port
 
 
 @pytest.fixture
@@ -138,11 +140,17 @@ def redirect_target(listeners: Callable[[], RecordingListener]) -> RecordingList
 @pytest.fixture
 def fhir(redirect_target: RecordingListener) -> Iterator[RedirectingFhir]:
     """A: the allowlisted FHIR server."""
-    server = RedirectingFhir(redirect_target.port)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_fhir(redirect_target.port)
     yield server
     server.shutdown()
     server.server_close()
+
+
+def start_fhir(redirect_port: int) -> RedirectingFhir:
+    """Start a RedirectingFhir on a free loopback port, serving from a daemon thread."""
+    server = RedirectingFhir(redirect_port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 @pytest.fixture
@@ -250,3 +258,53 @@ def test_redirect_off_the_allowlist_is_400_and_the_target_never_contacted(
     assert redirect_target.connections() == []
     # A itself was asked (it is allowlisted), but never for the path it pointed outside the allowlist.
     assert fhir.requests and all(path.startswith(f"/fhir/{route}/") for path, _ in fhir.requests)
+
+
+@pytest.fixture
+def second_fhir(fhir: RedirectingFhir) -> Iterator[RedirectingFhir]:
+    """B: another allowlisted FHIR server, on another port (another origin), redirecting back to A."""
+    server = start_fhir(fhir.port)
+    fhir.redirect_port = server.port
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_token_never_follows_a_redirect_to_another_origin(
+    settings: Settings,
+    issuer: Issuer,
+    fhir: RedirectingFhir,
+    second_fhir: RedirectingFhir,
+    hook_body: Callable[..., dict[str, Any]],
+) -> None:
+    allowlist = [f"http://127.0.0.1:{fhir.port}/fhir", f"http://127.0.0.1:{second_fhir.port}/fhir"]
+    client = create_app(settings.model_copy(update={"fhir_server_allowlist": allowlist})).test_client()
+    # A → B (allowlisted, another port) → back to A: the token goes to A's first hop only.
+    body = order_review_call(hook_body, f"http://127.0.0.1:{fhir.port}/fhir/to-b/to-b/data")
+    response = client.post(PATH, json=body, headers=issuer.headers(PATH))
+    assert response.status_code == 200, response.json
+    assert_token_not_in(response)
+    first = [auth for path, auth in fhir.requests if path.startswith("/fhir/to-b/")]
+    back = [auth for path, auth in fhir.requests if path.startswith("/fhir/data/")]
+    assert {"AllergyIntolerance", "MedicationRequest"} <= {
+        path.removeprefix("/fhir/to-b/data/").split("/")[0].split("?")[0] for path, _ in second_fhir.requests
+    }
+    assert first and set(first) == {f"Bearer {TOKEN}"}
+    assert second_fhir.requests and {auth for _, auth in second_fhir.requests} == {None}
+    assert back and set(back) == {None}
+    assert len(first) == len(second_fhir.requests) == len(back)
+
+
+def test_token_follows_a_redirect_within_the_origin(
+    ssrf_client: FlaskClient,
+    issuer: Issuer,
+    fhir: RedirectingFhir,
+    hook_body: Callable[..., dict[str, Any]],
+) -> None:
+    # A → A (another allowlisted path, same scheme, host and port): every hop carries the token.
+    body = order_review_call(hook_body, f"http://127.0.0.1:{fhir.port}/fhir/inside")
+    response = ssrf_client.post(PATH, json=body, headers=issuer.headers(PATH))
+    assert response.status_code == 200, response.json
+    followed = [auth for path, auth in fhir.requests if path.startswith("/fhir/data/")]
+    assert followed and set(followed) == {f"Bearer {TOKEN}"}
+    assert {auth for _, auth in fhir.requests} == {f"Bearer {TOKEN}"}
