@@ -21,6 +21,7 @@ from cds_service.jobs import QUEUES
 from cds_service.jobs import TASK_NAME
 from cds_service.jobs import Capacity
 from cds_service.jobs import JobStore
+from cds_service.jobs import job_request_key
 from cds_service.logging import configure_logging
 from cds_service.metrics import init_metrics
 from cds_service.prefetch import ParsedPrefetchCache
@@ -28,6 +29,8 @@ from cds_service.registry import Registry
 from cds_service.registry import load_registry
 from cds_service.review import init_review
 from cds_service.settings import Settings
+from cds_service.settings import check_production_safety
+from cds_service.settings import purpose_key
 from cds_service.store import AuditWriter
 from cds_service.store import Store
 from fhir_mappings.drugs import preload as preload_drug_vocabulary
@@ -90,6 +93,7 @@ def build_verifier(
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the CDS service: load and check the services in ``hooks/``, wire the store, Redis and routes."""
     settings = settings or Settings()
+    check_production_safety(settings)
     configure_logging()
     validate_allowlist(settings.fhir_server_allowlist)
     app = Flask(__name__)
@@ -119,9 +123,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         executor=ThreadPoolExecutor(max_workers=16, thread_name_prefix="prefetch"),
         prefetch_cache=ParsedPrefetchCache(settings.prefetch_cache_entries),
         verifier=build_verifier(settings, redis_client),
-        jobs=JobStore(redis_client, settings.result_ttl_s),
+        jobs=JobStore(redis_client, settings.result_ttl_s, request_key=job_request_key(settings)),
         capacity=Capacity(redis_client),
-        audit=AuditWriter(store),
+        audit=AuditWriter(store, purpose_key(settings, "audit-patient-hash")),
         drafts=DraftService(store, settings, http),
         send_job=send_job,
     )

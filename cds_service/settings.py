@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import re
 import secrets
 from pathlib import Path
 from typing import get_origin
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic import SecretStr
@@ -157,3 +161,87 @@ def load_settings() -> Settings:
     if name not in Settings.model_fields:
         raise SettingsProblem("the MEDGEMMA_CDS_* settings could not be read")
     raise SettingsProblem(f"{ENV_PREFIX}{name.upper()} is malformed; expected {_expected(name)}")
+
+
+def purpose_key(settings: Settings, purpose: str) -> bytes:
+    """Return a 32-byte key for one purpose, derived from ``MEDGEMMA_CDS_SECRET_KEY`` by HMAC-SHA256.
+
+    Each use of the secret (audit hashes, job encryption, ...) gets its own key, so no two share one.
+    """
+    secret = settings.secret_key.get_secret_value().encode()
+    return hmac.new(secret, f"medgemma-cds {purpose}".encode(), hashlib.sha256).digest()
+
+
+#: The public CDS Hooks sandbox: its private signing key is published with it, so anyone can mint its JWTs.
+SANDBOX_HOST = "sandbox.cds-hooks.org"
+SANDBOX_JWKS = Path(__file__).parent / "data" / "jwks" / "cds-hooks-sandbox.jwks.json"
+MIN_SECRET_CHARS = 32
+#: Secrets shipped as examples (docker-compose.yml's old default among them); compared case-insensitively.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "change-me-to-a-long-random-value",
+        "changeme",
+        "change-me",
+        "change_me",
+        "secret",
+        "dev",
+        "development",
+        "test",
+    }
+)
+_OPT_IN = f"or set {ENV_PREFIX}DEV_MODE=true for local development"
+
+
+def check_production_safety(settings: Settings) -> None:
+    """Raise SettingsProblem (one line: why, and how to opt in) when settings are unsafe outside development.
+
+    Unsafe: trusting the public CDS Hooks sandbox (its issuer, key URLs or bundled key set), or a secret key
+    that is a known placeholder or shorter than MIN_SECRET_CHARS. Development mode allows both.
+    """
+    if settings.development:
+        return
+    if settings.trusted_issuers is not None and _trusts_sandbox(settings.trusted_issuers):
+        raise SettingsProblem(
+            f"{ENV_PREFIX}TRUSTED_ISSUERS trusts the public CDS Hooks sandbox (https://{SANDBOX_HOST}), "
+            "whose signing key is public, so anyone could mint its JWTs; trust your EHR's issuer instead, "
+            + _OPT_IN
+        )
+    secret = settings.secret_key.get_secret_value()
+    if secret.strip().lower() in PLACEHOLDER_SECRETS:
+        raise SettingsProblem(
+            f"{ENV_PREFIX}SECRET_KEY is a published placeholder; set a long random value "
+            f"(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), {_OPT_IN}"
+        )
+    if len(secret) < MIN_SECRET_CHARS:
+        raise SettingsProblem(
+            f"{ENV_PREFIX}SECRET_KEY is shorter than {MIN_SECRET_CHARS} characters; set a long random value "
+            f"(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), {_OPT_IN}"
+        )
+
+
+def _trusts_sandbox(trust_file: Path) -> bool:
+    from cds_service.auth import load_trust_config
+
+    try:
+        trust = load_trust_config(trust_file)
+    except (OSError, ValueError):
+        # An unreadable trust file stops startup where the verifier loads it, with its own message.
+        return False
+    sandbox_keys = _public_keys(SANDBOX_JWKS)
+    for issuer, config in trust.issuers.items():
+        urls = (issuer, config.jwks_uri, *config.jku_allowed)
+        if any(url and (urlsplit(url).hostname or "").lower() == SANDBOX_HOST for url in urls):
+            return True
+        # The sandbox's key set under another issuer name is the same public key.
+        if config.jwks_file is not None and _public_keys(config.jwks_file) & sandbox_keys:
+            return True
+    return False
+
+
+def _public_keys(jwks_file: Path) -> set[tuple[str, ...]]:
+    try:
+        keys = json.loads(jwks_file.read_text(encoding="utf-8")).get("keys", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    fields = ("kty", "crv", "x", "y", "n", "e")
+    return {tuple(str(key.get(name, "")) for name in fields) for key in keys if isinstance(key, dict)}

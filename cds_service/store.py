@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import hmac
 import logging
 import queue
 import threading
@@ -59,9 +60,13 @@ def _sqlite_wal(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def patient_hash(patient_id: str) -> str:
-    """Return a one-way hash of a patient id, for audit rows that must not hold identifiers."""
-    return hashlib.sha256(patient_id.encode()).hexdigest()[:32]
+def patient_hash(patient_id: str, key: bytes) -> str:
+    """Return a keyed one-way hash (HMAC-SHA256) of a patient id, for audit rows that hold no identifiers.
+
+    Keyed, because ids are few and guessable: a bare hash is reversed by hashing every candidate id. Without
+    the key (derived from ``MEDGEMMA_CDS_SECRET_KEY``) the audit table links calls to one patient and no more.
+    """
+    return hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 class Base(DeclarativeBase):
@@ -185,8 +190,9 @@ class AuditWriter:
     and the batch is dropped, never turned into a failed hook.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, patient_hash_key: bytes) -> None:
         self.store = store
+        self._patient_hash_key = patient_hash_key
         self._rows: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -202,12 +208,12 @@ class AuditWriter:
         cards: int,
         latency_ms: float,
     ) -> None:
-        """Queue one hook call's audit row; the patient id is kept only as a hash."""
+        """Queue one hook call's audit row; the patient id is kept only as a keyed hash (``patient_hash``)."""
         self._rows.put(
             {
                 "service_id": service_id,
                 "hook_instance": hook_instance,
-                "patient_hash": patient_hash(patient_id) if patient_id else None,
+                "patient_hash": patient_hash(patient_id, self._patient_hash_key) if patient_id else None,
                 "status": status,
                 "outcome": outcome,
                 "cards": cards,
