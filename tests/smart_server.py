@@ -71,7 +71,7 @@ class LaunchContext:
 
 
 @dataclass(frozen=True)
-class Client(ClientMixin):  # type: ignore[misc]
+class Client(ClientMixin):
     """A registered client: public (no secret, auth ``none``) or confidential (``client_secret_basic``)."""
 
     client_id: str
@@ -104,10 +104,9 @@ class Client(ClientMixin):  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
-class AuthorizationCode(AuthorizationCodeMixin):  # type: ignore[misc]
+class AuthorizationCode(AuthorizationCodeMixin):
     """An issued code with what the token request is checked against and what the id_token carries."""
 
-    code: str
     client_id: str
     redirect_uri: str
     scope: str
@@ -131,7 +130,7 @@ class AuthorizationCode(AuthorizationCodeMixin):  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
-class IssuedToken(TokenMixin):  # type: ignore[misc]
+class IssuedToken(TokenMixin):
     """An access token this server issued, with its scope and launch context."""
 
     access_token: str
@@ -141,23 +140,14 @@ class IssuedToken(TokenMixin):  # type: ignore[misc]
     issued_at: int
     expires_in: int
 
-    def check_client(self, client: Client) -> bool:
-        return client.client_id == self.client_id
-
     def get_scope(self) -> str:
         return self.scope
-
-    def get_expires_in(self) -> int:
-        return self.expires_in
 
     def is_expired(self) -> bool:
         return time.time() >= self.issued_at + self.expires_in
 
     def is_revoked(self) -> bool:
         return False
-
-    def get_user(self) -> LaunchContext:
-        return self.user
 
 
 @dataclass(frozen=True)
@@ -191,7 +181,7 @@ def fhir_interaction(method: str, path: str) -> tuple[str, str]:
     return resource_type, "d" if method == "DELETE" else "u"
 
 
-class _CodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
+class _CodeGrant(AuthorizationCodeGrant):
     """The authorization code grant over the SMART server's in-memory codes."""
 
     TOKEN_ENDPOINT_AUTH_METHODS = ["none", "client_secret_basic"]
@@ -199,7 +189,6 @@ class _CodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
     def save_authorization_code(self, code: str, oauth_request: Any) -> None:
         data = oauth_request.payload.data
         self.server.smart.codes[code] = AuthorizationCode(
-            code=code,
             client_id=oauth_request.client.get_client_id(),
             redirect_uri=oauth_request.payload.redirect_uri,
             scope=oauth_request.scope,
@@ -221,7 +210,7 @@ class _CodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
         return authorization_code.user
 
 
-class _S256Required(CodeChallenge):  # type: ignore[misc]
+class _S256Required(CodeChallenge):
     """PKCE (RFC 7636) required on every authorization request, S256 only (``plain`` refused)."""
 
     SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
@@ -256,7 +245,7 @@ class _SmartLaunch:
             token["patient"] = grant.request.user.patient
 
 
-class _SmartOpenIDCode(OpenIDCode):  # type: ignore[misc]
+class _SmartOpenIDCode(OpenIDCode):
     """OpenID Connect for the code grant: an RS256 id_token with ``fhirUser``; the one-shot tamper."""
 
     def __init__(self, smart: SmartServer) -> None:
@@ -297,7 +286,7 @@ class _SmartOpenIDCode(OpenIDCode):  # type: ignore[misc]
                 self.smart.pending_tamper = {}
 
 
-class _SmartTokenValidator(BearerTokenValidator):  # type: ignore[misc]
+class _SmartTokenValidator(BearerTokenValidator):
     """Bearer tokens (RFC 6750) of this server, each required scope a ``<type>.<interaction>`` pair."""
 
     def __init__(self, smart: SmartServer) -> None:
@@ -438,12 +427,12 @@ class SmartServer:
                 grant = oauth.get_consent_grant(end_user=user)
             except OAuth2Error as error:
                 # RFC 6749 §4.1.2.1: authlib redirects only once client and redirect_uri are known good.
-                return oauth.handle_error_response(None, error)  # type: ignore[no-any-return]
-            return oauth.create_authorization_response(grant_user=user, grant=grant)  # type: ignore[no-any-return]
+                return oauth.handle_error_response(None, error)
+            return oauth.create_authorization_response(grant_user=user, grant=grant)
 
         @app.post("/token")
         def token() -> Response:
-            return oauth.create_token_response()  # type: ignore[no-any-return]
+            return oauth.create_token_response()
 
         @app.get("/jwks")
         def jwks() -> dict[str, Any]:
