@@ -14,6 +14,7 @@ import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
 
 import httpx
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -299,13 +300,15 @@ class DraftService:
             if existing.status_code == 200 and existing.json().get("entry"):
                 # A previous attempt wrote the report but died before recording it: don't write again.
                 return f"DiagnosticReport/{existing.json()['entry'][0]['resource']['id']}"
-            final = signed_report_of(draft)
+            signed_at = draft.signed_at or utcnow()
+            # SQLite hands back naive datetimes; the store writes UTC, and FHIR instants need the zone.
+            signed_at = signed_at if signed_at.tzinfo else signed_at.replace(tzinfo=UTC)
             bundle = writeback_bundle(
-                final,
+                signed_report_of(draft),
                 draft.id,
                 (draft.model_id, draft.model_version),
                 (draft.signed_by or "", draft.signed_by_name or ""),
-                draft.signed_at or utcnow(),
+                signed_at,
             )
             answer = self.http.post(base, content=bundle.model_dump_json(exclude_none=True), headers=headers)
         except (httpx.HTTPError, ValueError):

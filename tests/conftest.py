@@ -22,10 +22,13 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc.jwk import ECKey
+from smart_server import SmartServer
+from smart_server import smart_server  # noqa: F401  (session fixture: a SMART server in front of fhir_server)
 from support import FHIR_TOKEN
 from support import ISSUER
 from support import PG_ADMIN_URL
 from support import PUBLIC_URL
+from support import SECRET_KEY
 from support import FhirServer
 from support import Issuer
 from support import LiveServer
@@ -134,6 +137,7 @@ def settings(database_url: str, redis_url: str, issuer: Issuer, tiny_model_dir: 
         public_url=PUBLIC_URL,
         trusted_issuers=issuer.trust_file,
         fhir_allow_http_loopback=True,
+        secret_key=SECRET_KEY,
         # No wait: a new model job always shows its "running" card (tests of the wait use their own budget).
         hook_budget_ms=0,
         text_model=str(tiny_model_dir),
@@ -185,9 +189,11 @@ def live_server(
     issuer: Issuer,
     tiny_model_dir: Path,
     fhir_server: FhirServer,
+    smart_server: SmartServer,  # noqa: F811 - the fixture imported above
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
-    """Start ``medgemma-cds serve`` once per run (signed reports written back to the test FHIR server)."""
+    """Start ``medgemma-cds serve`` once per run: the review app registered with the test SMART server, and
+    signed reports written back to the test FHIR server when the EHR grants no write."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = service_env(
@@ -195,9 +201,10 @@ def live_server(
         redis_url,
         issuer,
         url,
+        MEDGEMMA_CDS_FHIR_SERVER_ALLOWLIST=json.dumps([fhir_server.base_url, smart_server.iss]),
+        MEDGEMMA_CDS_SMART_CLIENT_ID=smart_server.client_id,
         MEDGEMMA_CDS_FHIR_WRITEBACK_URL=fhir_server.base_url,
         MEDGEMMA_CDS_FHIR_WRITEBACK_TOKEN=fhir_server.token,
-        MEDGEMMA_CDS_SECRET_KEY="test-review-link-secret",
         **model_env(tiny_model_dir),
     )
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"

@@ -181,10 +181,41 @@ def fhir_interaction(method: str, path: str) -> tuple[str, str]:
     return resource_type, "d" if method == "DELETE" else "u"
 
 
+def transaction_permitted(scope: str, bundle: dict[str, Any]) -> bool:
+    """Whether a scope allows every entry of a transaction or batch Bundle (create, update, delete, read)."""
+    granted = scope_to_list(scope) or []
+    for entry in bundle.get("entry") or []:
+        method = (entry.get("request") or {}).get("method", "POST")
+        resource_type, interaction = fhir_interaction(method, (entry.get("request") or {}).get("url", ""))
+        if resource_type == "*":
+            resource_type = (entry.get("resource") or {}).get("resourceType", "*")
+        if not any(scope_permits(one, resource_type, interaction) for one in granted):
+            return False
+    return True
+
+
 class _CodeGrant(AuthorizationCodeGrant):
-    """The authorization code grant over the SMART server's in-memory codes."""
+    """The authorization code grant over the SMART server's in-memory codes, with SMART's launch rules."""
 
     TOKEN_ENDPOINT_AUTH_METHODS = ["none", "client_secret_basic"]
+
+    def validate_authorization_request(self) -> str:
+        """SMART App Launch §Launch: ``aud`` must be iss, and a ``launch`` must be one the test minted."""
+        redirect_uri: str = super().validate_authorization_request()
+        data = self.request.payload.data
+        if data.get("aud") != self.server.smart.iss:
+            message = f"'aud' must be the FHIR base URL {self.server.smart.iss}."
+            raise InvalidRequestError(message, redirect_uri=redirect_uri)
+        if data.get("launch") and data["launch"] not in self.server.smart.launches:
+            raise InvalidRequestError("Unknown 'launch'.", redirect_uri=redirect_uri)
+        return redirect_uri
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], Any]:
+        """Add the SMART launch context (``patient``) to authlib's token response."""
+        status, token, headers = super().create_token_response()
+        if self.request.user.patient:
+            token["patient"] = self.request.user.patient
+        return status, token, headers
 
     def save_authorization_code(self, code: str, oauth_request: Any) -> None:
         data = oauth_request.payload.data
@@ -219,30 +250,6 @@ class _S256Required(CodeChallenge):
         if grant.request.payload.data.get("code_challenge_method") != "S256":
             raise InvalidRequestError("PKCE is required, with 'code_challenge_method=S256'.")
         super().validate_code_challenge(grant, redirect_uri)
-
-
-class _SmartLaunch:
-    """Grant extension for SMART App Launch §Launch: ``aud`` must be iss, ``launch`` must be known; token
-    responses carry the patient in context."""
-
-    def __init__(self, smart: SmartServer) -> None:
-        self.smart = smart
-
-    def __call__(self, grant: _CodeGrant) -> None:
-        grant.register_hook("after_validate_authorization_request_payload", self.validate_launch)
-        grant.register_hook("after_create_token_response", self.add_patient)
-
-    def validate_launch(self, grant: _CodeGrant, result: None) -> None:
-        data = grant.request.payload.data
-        if data.get("aud") != self.smart.iss:
-            raise InvalidRequestError(f"'aud' must be the FHIR base URL {self.smart.iss}.")
-        if data.get("launch") and data["launch"] not in self.smart.launches:
-            raise InvalidRequestError("Unknown 'launch'.")
-
-    def add_patient(self, grant: _CodeGrant, response: tuple[int, dict[str, Any], Any]) -> None:
-        _, token, _ = response
-        if grant.request.user.patient:
-            token["patient"] = grant.request.user.patient
 
 
 class _SmartOpenIDCode(OpenIDCode):
@@ -296,7 +303,9 @@ class _SmartTokenValidator(BearerTokenValidator):
     def authenticate_token(self, token_string: str) -> IssuedToken | None:
         return self.smart.tokens.get(token_string)
 
-    def scope_insufficient(self, token_scopes: str, required_scopes: list[str]) -> bool:
+    def scope_insufficient(self, token_scopes: str, required_scopes: list[str] | None) -> bool:
+        if not required_scopes:
+            return False
         granted = scope_to_list(token_scopes) or []
         needed = [tuple(required.split(".")) for required in required_scopes]
         return not any(scope_permits(scope, *pair) for scope in granted for pair in needed)
@@ -416,7 +425,7 @@ class SmartServer:
         app.config["OAUTH2_TOKEN_EXPIRES_IN"] = {"authorization_code": 3600}
         oauth = AuthorizationServer(app, query_client=self._query_client, save_token=self._save_token)
         oauth.smart = self
-        oauth.register_grant(_CodeGrant, [_S256Required(), _SmartOpenIDCode(self), _SmartLaunch(self)])
+        oauth.register_grant(_CodeGrant, [_S256Required(), _SmartOpenIDCode(self)])
         protector = ResourceProtector()
         protector.register_token_validator(_SmartTokenValidator(self))
 
@@ -460,7 +469,15 @@ class SmartServer:
         @app.route("/fhir/<path:path>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
         def fhir(path: str) -> Response:
             try:
-                protector.acquire_token(".".join(fhir_interaction(request.method, path)))
+                if request.method == "POST" and not path:
+                    # A transaction or batch is judged entry by entry: each needs its own scope.
+                    token = protector.acquire_token()
+                    if not transaction_permitted(token.scope, request.get_json(silent=True) or {}):
+                        return Response(
+                            '{"error": "insufficient_scope"}', 403, content_type="application/json"
+                        )
+                else:
+                    protector.acquire_token(".".join(fhir_interaction(request.method, path)))
             except OAuth2Error as error:
                 protector.raise_error_response(error)
             return self._forward(path)

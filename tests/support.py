@@ -26,6 +26,9 @@ PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:54
 FHIR_TOKEN = "fhir-test-token-3f9a"
 PUBLIC_URL = "http://cds.test"
 ISSUER = "https://ehr.test"
+# One secret for the in-process app and every service and worker process: job requests in Redis are
+# encrypted with a key derived from it, so a worker with another secret could not read them.
+SECRET_KEY = "test-secret-key-shared-by-api-and-workers-5e2b"
 
 
 def free_port() -> int:
@@ -61,6 +64,10 @@ class FhirServer:
         response = httpx.get(f"{self.base_url}/{path}", headers={"Authorization": f"Bearer {self.token}"})
         response.raise_for_status()
         return dict(response.json())
+
+    def search(self, query: str) -> list[dict[str, Any]]:
+        """Return the resources a search answers with."""
+        return [entry["resource"] for entry in self.get(query).get("entry", [])]
 
     def secrets(self) -> dict[str, str]:
         """Return what must never reach a log: the token, each sample patient's id, names and identifiers."""
@@ -169,6 +176,7 @@ def service_env(
             "MEDGEMMA_CDS_PUBLIC_URL": public_url,
             "MEDGEMMA_CDS_TRUSTED_ISSUERS": str(issuer.trust_file),
             "MEDGEMMA_CDS_FHIR_ALLOW_HTTP_LOOPBACK": "true",
+            "MEDGEMMA_CDS_SECRET_KEY": SECRET_KEY,
         }
     )
     env.update(extra)

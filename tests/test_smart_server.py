@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from fhirclient import client
+from fhirclient.models.patient import Patient
 from joserfc import jwt
 from joserfc.errors import BadSignatureError
 from joserfc.jwk import KeySet
@@ -23,8 +25,7 @@ from smart_server import scope_permits
 from smart_server import smart_server  # noqa: F401
 from support import FhirServer
 
-APP = "http://127.0.0.1:9/app"
-REDIRECT_URI = f"{APP}/callback"
+REDIRECT_URI = "http://127.0.0.1:9/app/callback"
 PRACTITIONER = "Practitioner/smart-test-practitioner"
 
 
@@ -67,11 +68,16 @@ def redirected(response: httpx.Response) -> dict[str, str]:
     return {name: values[0] for name, values in parse_qs(urlsplit(location).query).items()}
 
 
-def redeem(smart: SmartServer, code: str, verifier: str, **extra: Any) -> httpx.Response:
-    """Exchange a code at the token endpoint as the public client."""
+def redeem(
+    smart: SmartServer, code: str, verifier: str | None, auth: tuple[str, str] | None = None
+) -> httpx.Response:
+    """Exchange a code at the token endpoint: as the public client, or as ``auth`` (HTTP Basic)."""
     form = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI}
-    form |= {"client_id": smart.client_id, "code_verifier": verifier}
-    return httpx.post(f"{smart.base_url}/token", data=form, **extra)
+    if auth is None:
+        form["client_id"] = smart.client_id
+    if verifier is not None:
+        form["code_verifier"] = verifier
+    return httpx.post(f"{smart.base_url}/token", data=form, auth=auth)
 
 
 def launch_token(smart: SmartServer, scope: str, **params: str) -> dict[str, Any]:
@@ -169,46 +175,31 @@ def test_token_endpoint_checks_pkce_and_client_authentication(smart: SmartServer
     response, verifier = authorize(smart, "launch/patient patient/*.rs")
     code = redirected(response)["code"]
     assert redeem(smart, code, secrets.token_urlsafe(48)).json()["error"] == "invalid_grant"
-    form = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": REDIRECT_URI,
-        "client_id": smart.client_id,
-    }
-    assert httpx.post(f"{smart.base_url}/token", data=form).json()["error"] == "invalid_request"
+    assert redeem(smart, code, None).json()["error"] == "invalid_request"
     # The confidential client authenticates with HTTP Basic; a wrong secret is a 401.
     response, verifier = authorize(smart, "launch/patient patient/*.rs", client_id=CONFIDENTIAL_CLIENT_ID)
-    form = {
-        "grant_type": "authorization_code",
-        "code": redirected(response)["code"],
-        "redirect_uri": REDIRECT_URI,
-    }
-    form["code_verifier"] = verifier
-    refused = httpx.post(f"{smart.base_url}/token", data=form, auth=(CONFIDENTIAL_CLIENT_ID, "wrong"))
-    assert refused.status_code == 401
-    granted = httpx.post(
-        f"{smart.base_url}/token", data=form, auth=(CONFIDENTIAL_CLIENT_ID, CONFIDENTIAL_CLIENT_SECRET)
-    )
+    code = redirected(response)["code"]
+    assert redeem(smart, code, verifier, auth=(CONFIDENTIAL_CLIENT_ID, "wrong")).status_code == 401
+    granted = redeem(smart, code, verifier, auth=(CONFIDENTIAL_CLIENT_ID, CONFIDENTIAL_CLIENT_SECRET))
     assert granted.status_code == 200 and granted.json()["patient"]
 
 
 @pytest.mark.parametrize(
-    ("tamper", "check"),
+    ("tamper", "claim", "value"),
     [
-        ({"aud": "someone-else"}, lambda claims: claims["aud"] == "someone-else"),
-        (
-            {"iss": "https://elsewhere.test/fhir"},
-            lambda claims: claims["iss"] == "https://elsewhere.test/fhir",
-        ),
-        ({"nonce": "wrong"}, lambda claims: claims["nonce"] == "wrong"),
-        ({"drop_nonce": True}, lambda claims: "nonce" not in claims),
-        ({"exp": 1_000_000}, lambda claims: claims["exp"] == 1_000_000),
+        ({"aud": "someone-else"}, "aud", "someone-else"),
+        ({"iss": "https://elsewhere.test/fhir"}, "iss", "https://elsewhere.test/fhir"),
+        ({"nonce": "wrong"}, "nonce", "wrong"),
+        ({"drop_nonce": True}, "nonce", None),
+        ({"exp": 1_000_000}, "exp", 1_000_000),
     ],
 )
-def test_tamper_spoils_the_next_id_token_once(smart: SmartServer, tamper: dict[str, Any], check: Any) -> None:
+def test_tamper_spoils_the_next_id_token_once(
+    smart: SmartServer, tamper: dict[str, Any], claim: str, value: object
+) -> None:
     smart.tamper(**tamper)
     spoiled = launch_token(smart, "launch/patient openid fhirUser patient/*.rs", nonce="n-1")
-    assert check(id_token_claims(smart, spoiled["id_token"]))
+    assert id_token_claims(smart, spoiled["id_token"]).get(claim) == value
     sound = id_token_claims(smart, launch_token(smart, "openid fhirUser", nonce="n-1")["id_token"])
     assert sound["aud"] == smart.client_id and sound["iss"] == smart.iss and sound["nonce"] == "n-1"
 
@@ -224,14 +215,14 @@ def test_fhir_proxy_requires_a_token_and_records_who_called(smart: SmartServer, 
     token = launch_token(smart, "launch/patient patient/*.rs")["access_token"]
     read = httpx.get(f"{smart.iss}/Patient/{patient_id}", headers={"Authorization": f"Bearer {token}"})
     assert read.status_code == 200 and read.json()["id"] == patient_id
-    search = httpx.get(f"{smart.iss}/Patient", headers={"Authorization": f"Bearer {token}"}).json()
+    search = httpx.get(f"{smart.iss}/Patient?_count=50", headers={"Authorization": f"Bearer {token}"}).json()
     assert all(entry["fullUrl"].startswith(smart.iss + "/") for entry in search["entry"])
     assert httpx.get(f"{smart.iss}/Patient/{patient_id}").status_code == 401
     assert httpx.get(f"{smart.iss}/Patient", headers={"Authorization": "Bearer forged"}).status_code == 401
     seen = [(r.method, r.path, r.query, r.token, r.status) for r in smart.requests]
     assert seen == [
         ("GET", f"Patient/{patient_id}", "", token, 200),
-        ("GET", "Patient", "", token, 200),
+        ("GET", "Patient", "_count=50", token, 200),
         ("GET", f"Patient/{patient_id}", "", None, 401),
         ("GET", "Patient", "", "forged", 401),
     ]
@@ -277,3 +268,17 @@ def test_scope_permits_v1_and_v2_scopes(
     scope: str, resource_type: str, interaction: str, allowed: bool
 ) -> None:
     assert scope_permits(scope, resource_type, interaction) is allowed
+
+
+def test_fhirclient_completes_an_ehr_launch(smart: SmartServer, patient_id: str) -> None:
+    """fhirclient finds the endpoints in /metadata, as the review app does, and reads through the proxy."""
+    settings = {"app_id": smart.client_id, "api_base": smart.iss, "redirect_uri": REDIRECT_URI}
+    settings |= {
+        "scope": "openid fhirUser patient/*.rs",
+        "launch_token": smart.mint_launch(patient_id, PRACTITIONER),
+    }
+    fhir = client.FHIRClient(settings=settings)
+    fhir.handle_callback(httpx.get(fhir.authorize_url).headers["Location"])
+    assert fhir.patient_id == patient_id
+    assert Patient.read(patient_id, fhir.server).id == patient_id
+    assert smart.requests[-1].token == smart.issued_tokens[-1].access_token

@@ -209,8 +209,10 @@ def draft_from_app_context(app_context: str | dict[str, Any] | None) -> str | No
 
 def fhir_server(iss: str, access_token: str) -> FHIRServer:
     """Return fhirclient's server for the EHR, signing requests with the clinician's access token."""
+    # fhirclient joins paths onto the base with urljoin: without the trailing slash "/fhir" would be lost.
+    base = iss.rstrip("/") + "/"
     return FHIRServer(
-        None, state={"base_uri": iss, "auth_type": "oauth2", "auth": {"access_token": access_token}}
+        None, state={"base_uri": base, "auth_type": "oauth2", "auth": {"access_token": access_token}}
     )
 
 

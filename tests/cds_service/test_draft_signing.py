@@ -97,7 +97,9 @@ def new_draft(drafts: DraftService, fhir_server: str | None = None) -> Draft:
         model="google/medgemma-4b-it",
         model_version="rev1",
     )
-    output = ImagingReadOutput(findings="Clear lungs.", impression="Normal chest.", urgency="routine")
+    output = ImagingReadOutput(
+        findings="Clear lungs.", impression="Normal chest.", urgency="routine", evidence_ids=[]
+    )
     return drafts.record(
         job=job,
         output=output,

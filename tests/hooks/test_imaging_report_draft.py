@@ -74,7 +74,7 @@ def draft_card_when_ready(
 
 
 def search(fhir: FhirServer, query: str) -> list[dict[str, Any]]:
-    return [e["resource"] for e in fhir.get(query).get("entry", [])]
+    return fhir.search(query)
 
 
 def media_with_image(patient_id: str, **image: Any) -> dict[str, Any]:
