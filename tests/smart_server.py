@@ -348,6 +348,19 @@ class SmartServer:
         self.requests: list[FhirRequest] = []
         self.pending_tamper: dict[str, Any] = {}
 
+    def issue_token(self, patient_id: str, scope: str = "patient/*.rs") -> str:
+        """Return an access token as the EHR issues one to a CDS service (``fhirAuthorization``)."""
+        token = IssuedToken(
+            access_token=secrets.token_urlsafe(32),
+            client_id="cds-hooks-client",
+            scope=scope,
+            user=LaunchContext(fhir_user=self.user, patient=patient_id),
+            issued_at=int(time.time()),
+            expires_in=3600,
+        )
+        self.tokens[token.access_token] = token
+        return token.access_token
+
     def mint_launch(self, patient_id: str, practitioner_ref: str) -> str:
         """Return a new opaque ``launch`` for an EHR launch of ``patient_id`` by ``practitioner_ref``."""
         launch = secrets.token_urlsafe(16)

@@ -1,22 +1,28 @@
 """imaging-report-draft end to end: FHIR server, Redis, Celery worker (tiny model), gunicorn, Chromium.
 
-Attach a chest X-ray to a patient's ImagingStudy, fire patient-view, get the pending card, re-fire and get
-the draft card, sign it in the review page in headless Chromium, and read the final report and both
-Provenances back from the FHIR server. Also: reject, double sign, and a patient deleted before sign-off.
+Attach a chest X-ray to a patient's ImagingStudy, fire patient-view through the EHR's (SMART) FHIR server,
+get the pending card, re-fire and get the draft card, EHR-launch its SMART link in headless Chromium, sign
+as the clinician the EHR authenticated, and read the final report and both Provenances back from the FHIR
+server. Also: reject, double sign, and a patient deleted before sign-off (through the EHR's JSON API).
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
+from urllib.parse import urlencode
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from playwright.sync_api import sync_playwright
+from smart_server import SmartServer
 from support import SAMPLE
 from support import FhirServer
 from support import Issuer
@@ -39,11 +45,17 @@ def fhir_post(fhir: FhirServer, resource: dict[str, Any]) -> dict[str, Any]:
     return dict(response.json())
 
 
-def fire(server: LiveServer, issuer: Issuer, fhir: FhirServer, patient_id: str) -> list[dict[str, Any]]:
+def fire(
+    server: LiveServer,
+    issuer: Issuer,
+    fhir: FhirServer,
+    patient_id: str,
+    access: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     body = {
         "hook": "patient-view",
         "hookInstance": str(uuid.uuid4()),
-        **fhir_access(fhir.base_url, fhir.token),
+        **(access or fhir_access(fhir.base_url, fhir.token)),
         "context": {"userId": "Practitioner/COREPRACTITIONER1", "patientId": patient_id},
     }
     token = issuer.token(server.url + PATH)
@@ -55,17 +67,23 @@ def fire(server: LiveServer, issuer: Issuer, fhir: FhirServer, patient_id: str) 
 
 
 def draft_card_when_ready(
-    server: LiveServer, issuer: Issuer, fhir: FhirServer, patient_id: str
+    server: LiveServer,
+    issuer: Issuer,
+    fhir: FhirServer,
+    patient_id: str,
+    access: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fire until the draft card replaces the "running" card (the model job finishes in the worker)."""
-    first = fire(server, issuer, fhir, patient_id)
+    first = fire(server, issuer, fhir, patient_id, access)
     assert [c["summary"] for c in first if "running" in c["summary"]] == [
         "Imaging report draft: AI analysis is running"
     ]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         cards = [
-            c for c in fire(server, issuer, fhir, patient_id) if c["summary"].startswith("AI draft imaging")
+            c
+            for c in fire(server, issuer, fhir, patient_id, access)
+            if c["summary"].startswith("AI draft imaging")
         ]
         if cards:
             return cards[0]
@@ -107,23 +125,45 @@ def chest_xray_patient(fhir_server: FhirServer) -> str:
     return patient_id
 
 
-def test_draft_signed_in_browser_is_written_back_final_with_two_provenances(
+def draft_id_of(card: dict[str, Any]) -> str:
+    """Return the draft a card's SMART link names in its own URL."""
+    link = card["links"][0]
+    assert link["type"] == "smart" and json.loads(link["appContext"]) == {"draftId": link_draft_id(link)}
+    return link_draft_id(link)
+
+
+def link_draft_id(link: dict[str, Any]) -> str:
+    return parse_qs(urlsplit(link["url"]).query)["draft"][0]
+
+
+def test_draft_signed_in_browser_after_an_ehr_launch_names_the_launched_clinician(
     live_server: LiveServer,
     model_worker: ModelWorker,
     issuer: Issuer,
     fhir_server: FhirServer,
+    smart_server: SmartServer,
     chest_xray_patient: str,
 ) -> None:
-    card = draft_card_when_ready(live_server, issuer, fhir_server, chest_xray_patient)
+    smart_server.reset()
+    clinician = fhir_post(
+        fhir_server, {"resourceType": "Practitioner", "name": [{"given": ["Grace"], "family": "Signer"}]}
+    )
+    practitioner = f"Practitioner/{clinician['id']}"
+    # The EHR calls the hook with its own FHIR base (the SMART server's) and a token it issued.
+    ehr_access = fhir_access(smart_server.iss, smart_server.issue_token(chest_xray_patient))
+    card = draft_card_when_ready(live_server, issuer, fhir_server, chest_xray_patient, ehr_access)
     assert "requires clinician review" in card["detail"]
     (action,) = card["suggestions"][0]["actions"]
     assert action["type"] == "create"
     assert action["resource"]["resourceType"] == "DiagnosticReport"
     assert action["resource"]["status"] == "preliminary"
-    link = card["links"][0]
-    assert link["type"] == "smart" and "draftId" in link["appContext"]
-    draft_id = link["url"].split("/drafts/")[1].split("/")[0]
+    draft_id = draft_id_of(card)
+    # No development link outside development mode: only the SMART link.
+    assert [link["type"] for link in card["links"]] == ["smart"]
 
+    # What the EHR does with a smart link: append its iss and an opaque launch to the app's URL.
+    launch = smart_server.mint_launch(chest_xray_patient, practitioner)
+    launch_url = f"{card['links'][0]['url']}&{urlencode({'iss': smart_server.iss, 'launch': launch})}"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -135,16 +175,18 @@ def test_draft_signed_in_browser_is_written_back_final_with_two_provenances(
             ],
         )
         page = browser.new_page()
-        page.goto(link["url"])
+        page.goto(launch_url)  # → authorize (auto-approved) → callback → the draft
         assert "not a clinical-grade model" in page.inner_text(".warning")
         assert page.evaluate("document.querySelector('img').naturalWidth") > 0
-        assert page.input_value("#practitioner") == "Practitioner/COREPRACTITIONER1"
+        assert page.inner_text("#user") == "Grace Signer"
+        assert page.query_selector("#practitioner") is None  # nobody types who they are
+        csrf = page.input_value("input[name=csrf]")
+        cookies = {c["name"]: c["value"] for c in page.context.cookies()}
         page.fill(
             "#text",
             "FINDINGS:\nNo acute abnormality (edited by the signing clinician).\n\n"
             "IMPRESSION:\nNormal chest.",
         )
-        page.fill("#practitionerName", "Dr Test Signer")
         page.click("#sign")
         page.wait_for_selector("#written")
         assert page.inner_text("#status").lower() == "signed"
@@ -154,7 +196,7 @@ def test_draft_signed_in_browser_is_written_back_final_with_two_provenances(
 
     (report,) = search(fhir_server, f"DiagnosticReport?identifier={DRAFT_SYSTEM}|{draft_id}")
     assert report["status"] == "final"
-    assert report["resultsInterpreter"][0]["reference"] == "Practitioner/COREPRACTITIONER1"
+    assert report["resultsInterpreter"][0] == {"reference": practitioner, "display": "Grace Signer"}
     assert report["conclusion"] == "Normal chest."
     assert "edited by the signing clinician" in base64.b64decode(report["presentedForm"][0]["data"]).decode()
     provenances = [
@@ -166,18 +208,25 @@ def test_draft_signed_in_browser_is_written_back_final_with_two_provenances(
     assert activities == ["CREATE", "VERIFY"]
     model_agent = next(p for p in provenances if p["activity"]["coding"][0]["code"] == "CREATE")
     assert model_agent["contained"][0]["resourceType"] == "Device"
+    verify = next(p for p in provenances if p["activity"]["coding"][0]["code"] == "VERIFY")
+    assert verify["agent"][0]["who"]["reference"] == practitioner
+    # The EHR's FHIR server saw the write with the token it gave this clinician at launch.
+    clinician_tokens = {
+        t.access_token for t in smart_server.issued_tokens if t.user.fhir_user == practitioner
+    }
+    writes = [r for r in smart_server.requests if r.method == "POST"]
+    assert writes and {w.token for w in writes} <= clinician_tokens
 
     # A double-click (two more sign submissions at once) writes nothing more.
-    access = link["url"].split("access=")[1]
-    form = {
-        "access": access,
-        "text": "again",
-        "practitioner": "Practitioner/COREPRACTITIONER1",
-        "practitionerName": "X",
-    }
+    form = {"csrf": csrf, "text": "again"}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         answers = list(
-            pool.map(lambda _: httpx.post(f"{live_server.url}/drafts/{draft_id}/sign", data=form), range(2))
+            pool.map(
+                lambda _: httpx.post(
+                    f"{live_server.url}/review/drafts/{draft_id}/sign", data=form, cookies=cookies
+                ),
+                range(2),
+            )
         )
     assert [a.status_code for a in answers] == [200, 200]
     assert len(search(fhir_server, f"DiagnosticReport?identifier={DRAFT_SYSTEM}|{draft_id}")) == 1
@@ -193,7 +242,11 @@ def test_draft_signed_in_browser_is_written_back_final_with_two_provenances(
     assert signed["writtenTo"] == f"DiagnosticReport/{report['id']}"
 
     # The same study does not get a second draft when the chart is opened again: it is reported now.
-    assert not [c for c in fire(live_server, issuer, fhir_server, chest_xray_patient) if "AI" in c["summary"]]
+    assert not [
+        c
+        for c in fire(live_server, issuer, fhir_server, chest_xray_patient, ehr_access)
+        if "AI" in c["summary"]
+    ]
 
 
 def test_rejected_dicom_draft_writes_nothing(
@@ -210,16 +263,15 @@ def test_rejected_dicom_draft_writes_nothing(
         ),
     )
     card = draft_card_when_ready(live_server, issuer, fhir_server, patient_id)
-    url = card["links"][0]["url"]
-    draft_id = url.split("/drafts/")[1].split("/")[0]
-    form = {
-        "access": url.split("access=")[1],
-        "reason": "Wrong side marker",
-        "practitioner": "Practitioner/COREPRACTITIONER1",
-    }
-    answer = httpx.post(f"{live_server.url}/drafts/{draft_id}/reject", data=form)
+    draft_id = draft_id_of(card)
+    reject_path = f"/drafts/{draft_id}/reject"
+    answer = httpx.post(
+        live_server.url + reject_path,
+        json={"reason": "Wrong side marker", "practitioner": "Practitioner/COREPRACTITIONER1"},
+        headers={"Authorization": f"Bearer {issuer.token(live_server.url + reject_path)}"},
+    )
     assert answer.status_code == 200
-    assert "Wrong side marker" in answer.text
+    assert answer.json()["rejectReason"] == "Wrong side marker"
     path = f"/drafts/{draft_id}"
     draft = httpx.get(
         live_server.url + path, headers={"Authorization": f"Bearer {issuer.token(live_server.url + path)}"}
@@ -259,7 +311,7 @@ def test_draft_for_deleted_patient_fails_cleanly(
         ),
     )
     card = draft_card_when_ready(live_server, issuer, fhir_server, patient["id"])
-    draft_id = card["links"][0]["url"].split("/drafts/")[1].split("/")[0]
+    draft_id = draft_id_of(card)
     httpx.delete(
         f"{fhir_server.base_url}/Patient/{patient['id']}",
         headers={"Authorization": f"Bearer {fhir_server.token}"},
