@@ -779,17 +779,21 @@ def print_report(bench: Bench, budget_ms: int) -> None:
         return row.result if row else None
 
     bare, peer = result_of("a"), result_of("f")
-    print("\nratios (throughput; p95)")
+    print("\nratios (throughput; p95; requests per server CPU second)")
     checks: list[tuple[str, bool | None]] = []
     for key in "bcde":
         ours = result_of(key)
         if ours is None:
             continue
         parts = []
-        if bare is not None:
-            parts.append(f"/bare x{ours.rate / bare.rate:.2f}; p95 x{ours.p95_ms / bare.p95_ms:.2f}")
-        if peer is not None:
-            parts.append(f"/HealthChain x{ours.rate / peer.rate:.2f}; p95 x{ours.p95_ms / peer.p95_ms:.2f}")
+        for name, other in (("bare", bare), ("HealthChain", peer)):
+            if other is None:
+                continue
+            part = f"/{name} x{ours.rate / other.rate:.2f}; p95 x{ours.p95_ms / other.p95_ms:.2f}"
+            if ours.server_cpu_ms and other.server_cpu_ms:
+                # Requests per server CPU second: the throughput ratio with the cores to each server alone.
+                part += f"; per CPU second x{other.server_cpu_ms / ours.server_cpu_ms:.2f}"
+            parts.append(part)
         print(f"  {key}. {rows[key].label}: " + "   ".join(parts))
     for key in "bd":
         ours = result_of(key)

@@ -120,6 +120,12 @@ def main() -> None:
     )
     app = create_app(settings)
     client = app.test_client()
+    try:
+        from cds_service.cli import tune_gc  # what `medgemma-cds serve` does in each worker, where it exists
+    except ImportError:
+        pass
+    else:
+        tune_gc()
     bodies = new_chart_bodies(options.calls + 20, sample)
     for body in bodies[:20]:  # warm-up: imports, connections, caches of code paths
         assert client.post("/cds-services/patient-summary", json=body).status_code == 200

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from datetime import date
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
 
 from cds_service.settings import SettingsProblem
+from cds_service.settings import check_production_safety
 from cds_service.settings import load_settings
 
 SAMPLE_DATA = Path(__file__).parent / "data" / "sample"
+
+
+def tune_gc() -> None:
+    """Tune the garbage collector for serving: freeze what the app loaded, collect young objects less often.
+
+    A hook allocates tens of thousands of short-lived objects (JSON, read models, cards); at CPython's
+    default threshold the cyclic collector ran several times per call and cost about a fifth of it
+    (bench/profile_hook.py). Frozen objects (modules, the registry, the drug vocabulary) are never scanned.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -31,6 +46,8 @@ def serve(args: argparse.Namespace) -> int:
 
         monkey.patch_all()
     settings = load_settings()
+    # create_app checks this too, but in gunicorn's workers, where a refusal is a traceback, not one line.
+    check_production_safety(settings)
     # Gunicorn workers are processes: prometheus-client sums their counters through files in this folder
     # (its multiprocess mode), which it must be told before it is first imported.
     metrics_dir = tempfile.mkdtemp(prefix="medgemma-cds-metrics-")
@@ -50,6 +67,7 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("worker_class", args.worker_class)
             self.cfg.set("threads", args.threads)
             self.cfg.set("worker_connections", args.connections)
+            self.cfg.set("post_worker_init", lambda worker: tune_gc())
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
 
@@ -142,9 +160,97 @@ def check(args: argparse.Namespace) -> int:
         alive = local_worker_alive(settings)
         print("a model worker on this host answers" if alive else "no model worker on this host answers")
         return 0 if alive else 1
+    if args.scheduler:
+        from cds_service.readiness import scheduler_alive
+
+        alive = scheduler_alive(settings)
+        print(
+            "the precompute scheduler is waiting for its next sweep" if alive else "no precompute scheduler"
+        )
+        return 0 if alive else 1
     report = readiness_report(settings, fhir_base=args.fhir_base)
     print(json.dumps(report, indent=2, default=str))
     return 0 if report["ready"] else 1
+
+
+def parse_rate(text: str) -> float:
+    """Return a rate given as ``N/s`` or ``N`` (per second); argparse reports a ValueError as bad usage."""
+    value = float(text.strip().removesuffix("/s"))
+    if value <= 0:
+        raise ValueError("the rate must be above 0")
+    return value
+
+
+def parse_clock(text: str) -> dt_time:
+    """Return a local time of day given as ``HH:MM``."""
+    return dt_time.fromisoformat(text)
+
+
+def precompute(args: argparse.Namespace) -> int:
+    """Sweep a day's booked and arrived Appointments and queue each patient's AI pre-visit summary, at
+    low priority and at most ``--rate`` patients a second; with ``--daily-at``, every day at that time."""
+    from cds_service.precompute import SweepReport
+    from cds_service.precompute import run_daily
+    from cds_service.precompute import run_sweep
+
+    settings = load_settings()
+
+    def progress(report: SweepReport, done: int) -> None:
+        counts = ", ".join(f"{count} {kind}" for kind, count in sorted(report.outcomes.items()))
+        print(f"{report.day.isoformat()}: {done}/{report.patients} patients ({counts})", flush=True)
+
+    def summary(report: SweepReport) -> None:
+        print(report.line(), flush=True)
+
+    if args.daily_at is not None:
+        print(
+            f"sweeping each day's appointments at {args.daily_at.strftime('%H:%M')} (local time)", flush=True
+        )
+        run_daily(
+            settings, args.fhir_base, args.daily_at, token=args.token, rate=args.rate, progress=progress,
+            on_report=summary,
+        )  # fmt: skip
+        return 0
+    from cds_service.fhir_client import FhirReadError
+
+    try:
+        report = run_sweep(
+            settings, args.fhir_base, args.date or date.today(), token=args.token, rate=args.rate,
+            progress=progress,
+        )  # fmt: skip
+    except FhirReadError as error:
+        print(f"medgemma-cds: the appointments could not be read: {error.detail}", file=sys.stderr)
+        return 1
+    summary(report)
+    return 0
+
+
+def subscribe(args: argparse.Namespace) -> int:
+    """Create the FHIR R4 Subscriptions (rest-hook, one per imaging resource type) that notify us."""
+    import httpx
+
+    from cds_service.precompute import subscribe as create_subscriptions
+
+    settings = load_settings()
+    secret = settings.fhir_subscription_secret.get_secret_value() if settings.fhir_subscription_secret else ""
+    if not secret:
+        print(
+            "medgemma-cds: set MEDGEMMA_CDS_FHIR_SUBSCRIPTION_SECRET first (the notifications carry it)",
+            file=sys.stderr,
+        )
+        return 2
+    endpoint = args.endpoint or f"{settings.public_url.rstrip('/')}/fhir-notifications/imaging"
+    try:
+        with httpx.Client(timeout=30) as http:
+            done = create_subscriptions(args.fhir_base, args.token, endpoint, secret, http)
+    except httpx.HTTPError as error:
+        print(
+            f"medgemma-cds: the FHIR server refused a Subscription ({type(error).__name__})", file=sys.stderr
+        )
+        return 1
+    for criteria, reference, what in done:
+        print(f"{reference} {what}: {criteria} -> {endpoint}")
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -195,10 +301,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="bearer token for the FHIR server, if it needs one")
     p.set_defaults(func=load_sample_data)
 
+    p = sub.add_parser(
+        "precompute", help="queue the AI pre-visit summaries of a day's appointments (low priority)"
+    )
+    p.add_argument("--fhir-base", required=True, help="FHIR server holding the Appointments and the records")
+    p.add_argument("--date", type=date.fromisoformat, default=None, help="YYYY-MM-DD (default: today)")
+    p.add_argument("--token", default=None, help="bearer token for the FHIR server, if it needs one")
+    p.add_argument("--rate", type=parse_rate, default=5.0, help="patients per second, N/s (default 5/s)")
+    p.add_argument(
+        "--daily-at", type=parse_clock, default=None, help="HH:MM: keep running, sweep each day at that time"
+    )
+    p.set_defaults(func=precompute)
+
+    p = sub.add_parser("subscribe", help="create the FHIR Subscriptions that notify new imaging")
+    p.add_argument("--fhir-base", required=True)
+    p.add_argument("--token", default=None, help="bearer token for the FHIR server, if it needs one")
+    p.add_argument(
+        "--endpoint",
+        default=None,
+        help="notification URL the FHIR server can reach (default {PUBLIC_URL}/fhir-notifications/imaging)",
+    )
+    p.set_defaults(func=subscribe)
+
     p = sub.add_parser("check", help="print configuration and readiness of Redis, database, FHIR server")
     p.add_argument("--fhir-base", default=None)
     p.add_argument(
         "--worker", action="store_true", help="only check that a model worker on this host answers a ping"
+    )
+    p.add_argument(
+        "--scheduler", action="store_true", help="only check that a `precompute --daily-at` scheduler runs"
     )
     p.set_defaults(func=check)
 

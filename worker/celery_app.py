@@ -1,6 +1,7 @@
 """The Celery app of the model workers, built from ``Settings`` (never at import time).
 
-Redis is broker and result backend. Two queues, so text and image models can run on different GPUs.
+Redis is broker and result backend. Two queues, so text and image models can run on different GPUs, each with
+a lower-priority twin for precomputed work that the same workers serve once the interactive queue is empty.
 Importing this module never imports torch: the API process builds the same app only to send tasks.
 """
 
@@ -18,6 +19,7 @@ from kombu import Queue
 from cds_service.jobs import HEARTBEAT_PREFIX
 from cds_service.jobs import HEARTBEAT_S
 from cds_service.jobs import HEARTBEAT_TTL_S
+from cds_service.jobs import PRECOMPUTE_QUEUES
 from cds_service.jobs import QUEUES
 from cds_service.settings import Settings
 
@@ -38,16 +40,22 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.task_time_limit_s,
         result_expires=settings.result_ttl_s,
         # A message unacked past the visibility timeout is redelivered, so it must outlast the hard limit.
-        broker_transport_options={"visibility_timeout": settings.task_time_limit_s + 60},
+        broker_transport_options={
+            "visibility_timeout": settings.task_time_limit_s + 60,
+            # One BRPOP over a worker's queues in name order: interactive work first, then precompute
+            # (kombu's default, round_robin, would let tomorrow's sweep delay a chart opened now).
+            "queue_order_strategy": "sorted",
+        },
         broker_connection_retry_on_startup=True,
         # The API sends from inside a hook: it must fail fast rather than retry a dead broker.
         task_publish_retry=False,
         broker_connection_timeout=1,
-        task_queues=[Queue(name) for name in QUEUES.values()],
+        task_queues=[Queue(name) for name in [*QUEUES.values(), *PRECOMPUTE_QUEUES.values()]],
         task_default_queue=QUEUES["text"],
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # A "task-sent" event is a second publish on every hook's enqueue, and nothing here consumes it.
+        task_send_sent_event=False,
     )
     from worker.tasks import register_tasks
 
@@ -73,8 +81,14 @@ def start_heartbeat(settings: Settings, queue: str) -> threading.Thread:
     return thread
 
 
+def worker_queues(role: str) -> list[str]:
+    """Return the queues a worker of ``role`` consumes, in the order it serves them: interactive first."""
+    # The transport serves them in sorted name order, which the names are chosen to make this order.
+    return [QUEUES[role], PRECOMPUTE_QUEUES[role]]
+
+
 def run_worker(settings: Settings, *, queue: str, concurrency: int, pool: str) -> int:
-    """Run a worker consuming one model queue until it is stopped; return its exit code."""
+    """Run a worker consuming one model role's queues (interactive, then precompute) until it is stopped."""
     # One torch thread per prefork child: N children each spawning all-core thread pools thrash the CPU.
     if pool == "prefork":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -82,7 +96,7 @@ def run_worker(settings: Settings, *, queue: str, concurrency: int, pool: str) -
     start_heartbeat(settings, queue)
     argv = [
         "worker",
-        f"--queues={QUEUES[queue]}",
+        f"--queues={','.join(worker_queues(queue))}",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
         f"--hostname={queue}@%h-{os.getpid()}",
