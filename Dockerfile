@@ -39,7 +39,8 @@ RUN groupadd --system --gid 10001 medgemma \
     && chown medgemma:medgemma /cache/huggingface /models
 COPY --from=builder /opt/venv /opt/venv
 # The CDS Hooks sandbox as the one trusted issuer (its public JWKS ships with the package); mount another
-# trust file over it, or point MEDGEMMA_CDS_TRUSTED_ISSUERS elsewhere, for a real EHR.
+# trust file over it, or point MEDGEMMA_CDS_TRUSTED_ISSUERS elsewhere, for a real EHR. Anyone can mint the
+# sandbox's JWTs, so the API starts with this file only in development mode (MEDGEMMA_CDS_DEV_MODE=true).
 COPY cds_service/data/trusted-issuers.sandbox.json /etc/medgemma-cds/trusted-issuers.json
 COPY cds_service/data/jwks /etc/medgemma-cds/jwks
 USER medgemma

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -75,6 +76,8 @@ def main() -> None:
             "MEDGEMMA_CDS_DEVICE": "cpu",
             "MEDGEMMA_CDS_HOOK_BUDGET_MS": str(options.budget_ms),
             "MEDGEMMA_CDS_MAX_NEW_TOKENS": "4096",
+            # Shared by the API and the worker: job requests in Redis are encrypted with a key from it.
+            "MEDGEMMA_CDS_SECRET_KEY": secrets.token_urlsafe(32),
         }
         serve = [str(BIN / "medgemma-cds"), "serve", "--port", str(port)]
         with running(serve, f"{base}/healthz", env=env):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC
 from typing import Any
 
 from flask import Blueprint
 from flask import Response
 from flask import current_app
 from flask import jsonify
+from flask import render_template
 from flask import request
 
 from cds_service.errors import BadRequest
@@ -30,6 +32,7 @@ from cds_service.registry import ServiceDefinition
 from cds_service.signed_links import link_grants
 from cds_service.wire import DiscoveryResponse
 from cds_service.wire import FeedbackRequest
+from cds_service.wire import JobRecord
 
 bp = Blueprint("cds", __name__)
 log = logging.getLogger("cds_service.api")
@@ -86,14 +89,19 @@ def call_service(service_id: str) -> Response:
     started = time.perf_counter()
     body = read_json_body()
     deps = services()
+    background = definition.precomputes == "background"
     jobs = JobQueue(
         deps.jobs,
-        deps.send_job,
+        deps.send_precompute_job if background else deps.send_job,
         deps.settings,
         definition.id,
-        deadline=time.monotonic() + deps.settings.hook_budget_ms / 1000,
+        # A precompute trigger never waits: nobody is looking at the answer's AI card.
+        deadline=time.monotonic() + (0 if definition.precomputes else deps.settings.hook_budget_ms / 1000),
         capacity=deps.capacity,
         on_lookup=count_job_lookup,
+        background=background,
+        trigger=definition.id if definition.precomputes else None,
+        count_first_calls=definition.hook == "patient-view",
     )
     call = None
     status, outcome, cards = 200, "ok", 0
@@ -108,6 +116,7 @@ def call_service(service_id: str) -> Response:
             jobs=jobs,
             drafts=deps.drafts,
             on_fetch=observe_prefetch,
+            today=deps.today(),
         )
         cards = len(response.cards)
         count_tolerated(definition.id, call.tolerated)
@@ -160,7 +169,51 @@ def job_status(job_id: str) -> Response:
     record = services().jobs.get(job_id) if job_id.isalnum() and len(job_id) <= 64 else None
     if record is None:
         raise NotFound("no such job (it may have expired)")
-    return jsonify(record.wire())
+    # A clinician's browser asks for HTML first; EHRs, scripts and */* get JSON, the documented default.
+    if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+        response = Response(job_status_page(record), mimetype="text/html")
+        # The page may show model text about a patient: no shared or browser cache keeps it.
+        response.headers["Cache-Control"] = "no-store"
+    else:
+        response = jsonify(record.wire())
+    response.vary.add("Accept")
+    return response
+
+
+#: How a job's state reads on its page.
+JOB_STATE_WORDS = {
+    "queued": "Queued: waiting for a model worker",
+    "running": "Running: the model is working on it",
+    "done": "Done",
+    "failed": "Failed",
+}
+#: Headings for the fields of the model outputs (fhir_mappings/model_outputs.py); others are spelled out.
+RESULT_HEADINGS = {
+    "evidence_ids": "Evidence (record entries the model cited)",
+    "follow_up": "Follow-up",
+    "order_id": "Order",
+}
+JOB_PAGE_REFRESH_S = 5
+
+
+def job_status_page(record: JobRecord) -> str:
+    """Return the HTML page of a job for a clinician: its state in words, progress and a readable result.
+
+    Rendered with autoescaping, from the record only: no patient name, token or link with a token on it.
+    """
+    progress = [
+        ("Queued", record.created_at),
+        ("Started", record.started_at),
+        ("Finished", record.finished_at),
+    ]
+    return render_template(
+        "job_status.html",
+        record=record,
+        state_words=JOB_STATE_WORDS.get(record.state, record.state),
+        progress=[(label, f"{at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC") for label, at in progress if at],
+        headings=RESULT_HEADINGS,
+        refresh_s=JOB_PAGE_REFRESH_S if record.state in ("queued", "running") else None,
+    )
 
 
 @bp.get("/feedback/summary")

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import date
 
 import httpx
 import redis
@@ -17,6 +18,7 @@ from cds_service.auth import load_trust_config
 from cds_service.drafts import DraftService
 from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import validate_allowlist
+from cds_service.jobs import PRECOMPUTE_QUEUES
 from cds_service.jobs import QUEUES
 from cds_service.jobs import TASK_NAME
 from cds_service.jobs import Capacity
@@ -73,6 +75,8 @@ class Services:
     audit: AuditWriter
     drafts: DraftService
     send_job: Callable[[str, str], None]
+    send_precompute_job: Callable[[str, str], None]
+    today: Callable[[], date] = date.today
 
 
 def build_verifier(
@@ -90,8 +94,12 @@ def build_verifier(
     return JwtVerifier(load_trust_config(settings.trusted_issuers), redis_client)
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the CDS service: load and check the services in ``hooks/``, wire the store, Redis and routes."""
+def create_app(settings: Settings | None = None, *, today: Callable[[], date] | None = None) -> Flask:
+    """Build the CDS service: load and check the services in ``hooks/``, wire the store, Redis and routes.
+
+    ``today`` is the app's clock for the day a hook is called on (default: the local date); tests of a
+    simulated clinic day inject theirs.
+    """
     settings = settings or Settings()
     check_production_safety(settings)
     configure_logging()
@@ -112,6 +120,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         # The task id is the job id, so Celery's own bookkeeping lines up with the job record.
         celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUES[role])
 
+    def send_precompute_job(job_id: str, role: str) -> None:
+        celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=PRECOMPUTE_QUEUES[role])
+
     # The drug vocabulary loads once per process here, not on the first clinician's order.
     preload_drug_vocabulary()
     app.extensions["cds"] = Services(
@@ -128,6 +139,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         audit=AuditWriter(store, purpose_key(settings, "audit-patient-hash")),
         drafts=DraftService(store, settings, http),
         send_job=send_job,
+        send_precompute_job=send_precompute_job,
+        today=today or date.today,
     )
 
     # §Security / CORS: any origin, the three methods, and the two headers EHRs send (the sandbox sends
@@ -144,11 +157,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     from cds_service import api
     from cds_service import drafts_api
     from cds_service import errors_http
+    from cds_service import notifications_api
     from cds_service import openapi
 
     errors_http.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(drafts_api.bp)
+    app.register_blueprint(notifications_api.bp)
     app.register_blueprint(openapi.bp)
     init_review(app)
     init_metrics(app)

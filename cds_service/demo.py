@@ -607,6 +607,8 @@ def _run(
         "MEDGEMMA_CDS_DATABASE_URL": f"sqlite:///{workdir / 'demo.db'}",
         "MEDGEMMA_CDS_PUBLIC_URL": url,
         "MEDGEMMA_CDS_AUTH_DISABLED": "true",
+        # Shared by the API and the worker: job requests in Redis are encrypted with a key derived from it.
+        "MEDGEMMA_CDS_SECRET_KEY": settings.secret_key.get_secret_value(),
     }
     command = medgemma_cds_command()
     # A Redis the demo just started has no workers to ask about.

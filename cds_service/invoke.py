@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
+from datetime import date
 from typing import Any
 from typing import TypeVar
 
@@ -73,10 +74,11 @@ def json_problem(text: str, value: Any, max_depth: int) -> str | None:
 
 def parse_hook_call(
     definition: ServiceDefinition, body: Any, settings: Settings, tolerated: Counter[str]
-) -> tuple[HookRequest, Any, Any | None]:
-    """Validate a hook body for this service; return the request, its context and the read draftOrders.
+) -> tuple[HookRequest, Any, Any | None, Any | None]:
+    """Validate a hook body for this service; return the request, its context, and the read draftOrders
+    and appointments (None where the hook has none).
 
-    draftOrders are read tolerantly (counted in ``tolerated``): clients send Bundles that strict R4
+    Both Bundles are read tolerantly (counted in ``tolerated``): clients send Bundles that strict R4
     rejects, and a 400 there would silence the order's safety checks.
     """
     hook_request = validate(HookRequest, body)
@@ -94,7 +96,9 @@ def parse_hook_call(
         if isinstance(entries, list) and len(entries) > settings.max_draft_orders:
             raise BadRequest(f"too many draft orders (limit {settings.max_draft_orders})")
         draft_orders = read_resource(raw_orders, tolerated)
-    return hook_request, context, draft_orders
+    raw_appointments = getattr(context, "appointments", None)
+    appointments = read_resource(raw_appointments, tolerated) if raw_appointments is not None else None
+    return hook_request, context, draft_orders, appointments
 
 
 def run_service(
@@ -108,10 +112,14 @@ def run_service(
     jobs: ModelJobs | None = None,
     drafts: DraftService | None = None,
     on_fetch: Callable[[float], None] = lambda seconds: None,
+    today: date | None = None,
 ) -> tuple[HookCall, HookResponse]:
-    """Run one hook call end to end (after auth) and return the call and the handler's response."""
+    """Run one hook call end to end (after auth) and return the call and the handler's response.
+
+    ``today`` is the day of the call (default: the local date), which the model's context ages the patient by.
+    """
     tolerated: Counter[str] = Counter()
-    hook_request, context, draft_orders = parse_hook_call(definition, body, settings, tolerated)
+    hook_request, context, draft_orders, appointments = parse_hook_call(definition, body, settings, tolerated)
 
     token = hook_request.fhir_authorization.access_token if hook_request.fhir_authorization else None
     fhir_server = hook_request.fhir_server
@@ -144,6 +152,8 @@ def run_service(
         unavailable=prefetched.unavailable,
         tolerated=tolerated + prefetched.tolerated,
         draft_orders=draft_orders,
+        appointments=appointments,
+        today=today or date.today(),
         public_url=settings.public_url.rstrip("/"),
         jobs=jobs,
         images=RecordImages(settings, open_reader if fhir_server else None),

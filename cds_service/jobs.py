@@ -6,6 +6,9 @@ finished result is one Redis read away. Redis may lose everything: a lost record
 
 from __future__ import annotations
 
+import base64
+import copy
+import hashlib
 import json
 import logging
 import threading
@@ -16,8 +19,11 @@ from datetime import datetime
 from typing import Any
 
 import redis
+from cryptography.fernet import Fernet
+from cryptography.fernet import InvalidToken
 
 from cds_service.settings import Settings
+from cds_service.settings import purpose_key
 from cds_service.signed_links import sign_link
 from cds_service.wire import JobRecord
 from cds_service.wire import ModelJobRequest
@@ -28,6 +34,22 @@ log = logging.getLogger(__name__)
 
 TASK_NAME = "medgemma_cds.run_model_job"
 QUEUES: dict[str, str] = {"text": "medgemma-text", "image": "medgemma-image"}
+#: Lower-priority queues for precomputed work (the day's sweep, appointment-book, FHIR Subscriptions). The
+#: same workers consume them, after the interactive ones: kombu's Redis transport with
+#: ``queue_order_strategy="sorted"`` asks for its queues in name order in one BRPOP, and Redis pops from the
+#: first non-empty one; each name here sorts right after its interactive queue's.
+PRECOMPUTE_QUEUES: dict[str, str] = {"text": "medgemma-text-precompute", "image": "medgemma-image-precompute"}
+#: ``{prefix}{job id}`` exists while a job waits on a precompute queue: a chart open that finds the job still
+#: queued takes the mark (DEL answers 1 to one caller only) and sends it again on the interactive queue.
+PRECOMPUTE_MARK_PREFIX = "mgcds:precompute:queued:"
+#: The ids of jobs asked for by precompute triggers (a set that expires with the results), for /metrics.
+PRECOMPUTE_JOBS_KEY = "mgcds:precompute:jobs"
+#: Hash of ``{trigger}:{outcome}`` counts: what each precompute trigger asked for and found.
+PRECOMPUTE_REQUESTS_KEY = "mgcds:metrics:precompute-requests"
+#: ``{prefix}{service}:{hash of job id}`` marks a record's first chart open (it expires with the result);
+#: the hash of ``{service}:first`` and ``{service}:ready`` counts gives the zero-wait rate.
+FIRST_CALL_PREFIX = "mgcds:first-call:"
+ZERO_WAIT_KEY = "mgcds:metrics:zero-wait"
 # A failed job is kept briefly so a burst of hooks doesn't hammer a broken input, then retried.
 FAILED_TTL_S = 300
 #: Redis hashes (field: model id) added to once per finished job; /metrics reads model tokens/s from them,
@@ -63,8 +85,21 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def job_request_key(settings: Settings) -> bytes:
+    """Return the key of job requests in Redis; the API and every worker derive the same one."""
+    return purpose_key(settings, "job-request")
+
+
+class JobRequestUnreadable(Exception):
+    """A stored job request does not decrypt: it was queued under another ``MEDGEMMA_CDS_SECRET_KEY``."""
+
+
 class JobStore:
-    """Job records in Redis: ``mgcds:job:{id}`` hashes that expire, written by the API and the workers."""
+    """Job records in Redis: ``mgcds:job:{id}`` hashes that expire, written by the API and the workers.
+
+    The ``request`` field holds clinical text and images: it is encrypted (Fernet, keyed by
+    ``job_request_key``), and deleted when the job finishes; the result stays until the record expires.
+    """
 
     # Create-if-absent in one round trip: the record's fields and expiry are set only by the call that
     # created it, so a concurrent hook for the same record finds it whole or not at all.
@@ -76,9 +111,10 @@ class JobStore:
     return 1
     """
 
-    def __init__(self, redis_client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, redis_client: redis.Redis, ttl_s: int, *, request_key: bytes) -> None:
         self.redis = redis_client
         self.ttl_s = ttl_s
+        self._box = Fernet(base64.urlsafe_b64encode(request_key))
         self._create = redis_client.register_script(self._CREATE)
 
     @staticmethod
@@ -96,7 +132,7 @@ class JobStore:
                 request.service_id,
                 request.task,
                 created_at.isoformat(),
-                request.model_dump_json(),
+                self._box.encrypt(request.model_dump_json().encode()),
                 self.ttl_s,
             ],
         )
@@ -108,9 +144,22 @@ class JobStore:
         return job_id, record
 
     def request_of(self, job_id: str) -> ModelJobRequest | None:
-        """Return the stored request of a job, or None when the record is gone."""
-        raw = self.redis.hget(self.key(job_id), "request")
-        return ModelJobRequest.model_validate_json(raw) if raw else None
+        """Return the stored request of a job, or None when the record or its request (job finished) is gone.
+
+        Raises JobRequestUnreadable when it does not decrypt with this store's key: the process reading it
+        has another ``MEDGEMMA_CDS_SECRET_KEY`` than the one that queued it (a silent None would leave the
+        job queued until it expires).
+        """
+        sealed = self.redis.hget(self.key(job_id), "request")
+        if not sealed:
+            return None
+        try:
+            plain = self._box.decrypt(sealed)
+        except InvalidToken:
+            raise JobRequestUnreadable(
+                "the job request does not decrypt: the API and the worker must share MEDGEMMA_CDS_SECRET_KEY"
+            ) from None
+        return ModelJobRequest.model_validate_json(plain)
 
     def get(self, job_id: str) -> JobRecord | None:
         """Return the job's record, or None."""
@@ -154,6 +203,8 @@ class JobStore:
                         return False
                     pipe.multi()
                     pipe.hset(key, mapping={**fields, "finished_at": now_iso()})
+                    # The inputs (clinical text, images) go as the result arrives; only the result is kept.
+                    pipe.hdel(key, "request")
                     pipe.expire(key, self.ttl_s if fields["state"] == "done" else FAILED_TTL_S)
                     if fields["state"] == "done" and "generated_tokens" in fields:
                         # In the same transaction as the result, so a redelivered job adds nothing twice.
@@ -208,7 +259,14 @@ class Capacity:
 
 
 class JobQueue:
-    """The handle a hook handler gets (``wire.ModelJobs``): model work that never waits past the deadline."""
+    """The handle a hook handler gets (``wire.ModelJobs``): model work that never waits past the deadline.
+
+    ``background``: a precompute trigger nobody waits on; new jobs go through ``send`` to a precompute queue
+    and are marked so a chart open can move them ahead. ``trigger`` names a precompute trigger, whose
+    requests are counted for /metrics. ``count_first_calls``: this is a chart open (patient-view), whose
+    first call per record counts towards the zero-wait rate. ``on_request`` hears of each job asked for: its
+    id, whether this call created it, and its record as returned.
+    """
 
     def __init__(
         self,
@@ -219,6 +277,11 @@ class JobQueue:
         deadline: float,
         capacity: Capacity,
         on_lookup: Callable[[bool], None] = lambda hit: None,
+        *,
+        background: bool = False,
+        trigger: str | None = None,
+        count_first_calls: bool = False,
+        on_request: Callable[[str, bool, JobRecord | None], None] | None = None,
     ) -> None:
         self._on_lookup = on_lookup
         self.capacity = capacity
@@ -227,6 +290,16 @@ class JobQueue:
         self._settings = settings
         self._service_id = service_id
         self.deadline = deadline
+        self.background = background
+        self.trigger = trigger
+        self.count_first_calls = count_first_calls
+        self._on_request = on_request
+
+    def for_service(self, service_id: str) -> JobQueue:
+        """Return this handle asking on behalf of ``service_id`` (same deadline, queue and counting)."""
+        twin = copy.copy(self)
+        twin._service_id = service_id
+        return twin
 
     def request(
         self,
@@ -266,17 +339,54 @@ class JobQueue:
         try:
             job_id, created = self.store.create(job)
             if created is not None:
+                if self.background:
+                    # Marked before it is sent, so a chart open can never miss a job that is already queued.
+                    self.store.redis.set(PRECOMPUTE_MARK_PREFIX + job_id, 1, ex=self._settings.result_ttl_s)
                 self._send(job_id, role)
             record = created or self.store.get(job_id)
+            if record is not None and record.state == "queued" and not self.background:
+                self._promote(job_id, role)
             self._on_lookup(record is not None and record.state == "done")
-            if record is None or record.state not in ("queued", "running"):
-                return record
-            if not self.capacity.can_finish(role, model, self.deadline - time.monotonic()):
-                return record
-            return self._wait(job_id)
+            if record is not None and record.state in ("queued", "running"):
+                if self.capacity.can_finish(role, model, self.deadline - time.monotonic()):
+                    record = self._wait(job_id)
+            self._count(job_id, created is not None, record)
+            if self._on_request is not None:
+                self._on_request(job_id, created is not None, record)
+            return record
         except Exception as exc:  # noqa: BLE001 - Redis or broker down: degrade to the rule cards
             log.warning("model job unavailable: %s", type(exc).__name__)
             return None
+
+    def _promote(self, job_id: str, role: str) -> None:
+        """Send a job still waiting on a precompute queue again on the interactive one: a chart open is now.
+
+        The precompute message stays where it is; when a worker gets to it the job is done and it returns.
+        """
+        if self.store.redis.delete(PRECOMPUTE_MARK_PREFIX + job_id):
+            self._send(job_id, role)
+
+    def _count(self, job_id: str, created: bool, record: JobRecord | None) -> None:
+        """Count a precompute trigger's request, or a chart open's first call for this record."""
+        client = self.store.redis
+        if self.trigger is not None:
+            state = record.state if record is not None else "missing"
+            outcome = "enqueued" if created else state if state in ("done", "failed") else "existing"
+            with client.pipeline(transaction=False) as pipe:
+                pipe.hincrby(PRECOMPUTE_REQUESTS_KEY, f"{self.trigger}:{outcome}", 1)
+                pipe.sadd(PRECOMPUTE_JOBS_KEY, job_id)
+                pipe.expire(PRECOMPUTE_JOBS_KEY, self._settings.result_ttl_s)
+                pipe.execute()
+        if self.count_first_calls:
+            marker = hashlib.sha256(job_id.encode()).hexdigest()[:32]
+            key = f"{FIRST_CALL_PREFIX}{self._service_id}:{marker}"
+            if client.set(key, 1, nx=True, ex=self._settings.result_ttl_s):
+                ready = record is not None and record.state == "done"
+                with client.pipeline(transaction=False) as pipe:
+                    pipe.hincrby(ZERO_WAIT_KEY, f"{self._service_id}:first", 1)
+                    if ready:
+                        pipe.hincrby(ZERO_WAIT_KEY, f"{self._service_id}:ready", 1)
+                    pipe.execute()
 
     def _wait(self, job_id: str) -> JobRecord | None:
         pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)

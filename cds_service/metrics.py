@@ -4,7 +4,9 @@ Counted in the process: requests by route, service and status; hook latency per 
 to fill prefetch; job lookups (hit or miss); feedback outcomes. Read from Redis at scrape time, so every API
 process reports the same values: the depth of the two Celery queues (LLEN), live workers per queue (their
 heartbeats), job records by state (a SCAN bounded at ``MAX_SCANNED_JOBS`` keys) and the models' generated
-tokens and generation seconds, which ``JobStore.finish`` adds to two Redis hashes when a job finishes.
+tokens and generation seconds, which ``JobStore.finish`` adds to two Redis hashes when a job finishes; the
+precompute triggers' progress (sweep, jobs by state, requests by trigger and outcome) and the zero-wait rate
+(the share of records whose first chart open carried the AI card), kept in Redis by ``JobQueue``.
 
 Gunicorn runs several worker processes. When ``PROMETHEUS_MULTIPROC_DIR`` names an empty folder before
 prometheus-client is first imported (its multiprocess mode), the in-process counters of every gunicorn worker
@@ -40,9 +42,12 @@ from prometheus_client.registry import Collector
 
 from cds_service.jobs import MODEL_SECONDS_KEY
 from cds_service.jobs import MODEL_TOKENS_KEY
+from cds_service.jobs import PRECOMPUTE_QUEUES
 from cds_service.jobs import QUEUES
+from cds_service.jobs import ZERO_WAIT_KEY
 from cds_service.jobs import JobStore
 from cds_service.jobs import live_workers
+from cds_service.precompute import precompute_status
 
 bp = Blueprint("metrics", __name__)
 
@@ -85,14 +90,15 @@ class RedisCollector(Collector):
         depth = GaugeMetricFamily(
             "medgemma_cds_queue_depth", "Model tasks waiting in each Celery queue.", labels=["queue"]
         )
+        queues = [*QUEUES.values(), *PRECOMPUTE_QUEUES.values()]
         with self.client.pipeline(transaction=False) as pipe:
-            for name in QUEUES.values():
+            for name in queues:
                 pipe.llen(name)
                 for step in _PRIORITY_STEPS:
                     pipe.llen(f"{name}{_PRIORITY_SEPARATOR}{step}")
             lengths = pipe.execute()
         per_queue = len(_PRIORITY_STEPS) + 1
-        for index, name in enumerate(QUEUES.values()):
+        for index, name in enumerate(queues):
             depth.add_metric([name], sum(lengths[index * per_queue : (index + 1) * per_queue]))
         yield depth
 
@@ -145,6 +151,80 @@ class RedisCollector(Collector):
         yield tokens_total
         yield seconds_total
         yield rate
+        yield from self._precompute()
+        yield from self._zero_wait()
+
+    def _precompute(self) -> Iterator[Any]:
+        """Yield the precompute triggers' progress: the newest sweep, jobs by state, requests by outcome."""
+        status = precompute_status(self.client)
+        jobs = GaugeMetricFamily(
+            "medgemma_cds_precompute_jobs",
+            "Jobs asked for by precompute triggers (sweep, appointment-book, encounter-start, FHIR "
+            "Subscriptions), by state now (expired: the record is gone).",
+            labels=["state"],
+        )
+        for state in (*_JOB_STATES, "expired"):
+            jobs.add_metric([state], status["jobs"].get(state, 0))
+        yield jobs
+        requests = CounterMetricFamily(
+            "medgemma_cds_precompute_requests",
+            "What each precompute trigger found per patient: a job enqueued, existing, done or failed, or "
+            "none asked for (unavailable data, nothing to do, unreadable image, read failed).",
+            labels=["trigger", "outcome"],
+        )
+        for key, count in sorted(status["requests"].items()):
+            trigger, _, outcome = key.partition(":")
+            requests.add_metric([trigger, outcome], count)
+        yield requests
+        sweep = status["sweep"]
+        patients = GaugeMetricFamily(
+            "medgemma_cds_precompute_sweep_patients",
+            "The newest sweep's patients: booked or arrived that day (total) and handled so far (done).",
+            labels=["progress"],
+        )
+        patients.add_metric(["total"], float(sweep.get("patients", 0)))
+        patients.add_metric(["done"], float(sweep.get("done", 0)))
+        yield patients
+        running = GaugeMetricFamily(
+            "medgemma_cds_precompute_sweep_running", "1 while a sweep is running, else 0."
+        )
+        running.add_metric([], 1 if sweep.get("state") == "running" else 0)
+        yield running
+        throughput = GaugeMetricFamily(
+            "medgemma_cds_precompute_sweep_jobs_per_second",
+            "Jobs the newest finished sweep asked for per second (it is rate-limited).",
+        )
+        throughput.add_metric([], float(sweep.get("jobs_per_second", 0)))
+        yield throughput
+
+    def _zero_wait(self) -> Iterator[Any]:
+        """Yield the zero-wait rate: the share of records whose first chart open had the AI result ready."""
+        counts = {k.decode(): int(v) for k, v in self.client.hgetall(ZERO_WAIT_KEY).items()}
+        first = CounterMetricFamily(
+            "medgemma_cds_first_opens",
+            "Chart opens (patient-view) that were the first for their record's AI job, per service.",
+            labels=["service"],
+        )
+        ready = CounterMetricFamily(
+            "medgemma_cds_first_opens_ai_ready",
+            "First chart opens whose AI job was already done, so the AI card came with the first answer.",
+            labels=["service"],
+        )
+        ratio = GaugeMetricFamily(
+            "medgemma_cds_zero_wait_ratio",
+            "Zero-wait rate: first_opens_ai_ready / first_opens, per service.",
+            labels=["service"],
+        )
+        services = sorted({key.rpartition(":")[0] for key in counts})
+        for service in services:
+            opened, done = counts.get(f"{service}:first", 0), counts.get(f"{service}:ready", 0)
+            first.add_metric([service], opened)
+            ready.add_metric([service], done)
+            if opened:
+                ratio.add_metric([service], done / opened)
+        yield first
+        yield ready
+        yield ratio
 
     def _job_states(self) -> tuple[dict[str, int], bool]:
         """Count job records by state, reading at most ``MAX_SCANNED_JOBS`` keys."""

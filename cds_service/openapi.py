@@ -32,6 +32,7 @@ bp = Blueprint("openapi", __name__)
 
 OPENAPI_VERSION = "3.1.0"
 SECURITY_SCHEME = "cdsHooksJwt"
+SUBSCRIPTION_SCHEME = "fhirSubscriptionSecret"
 _CACHE_KEY = "cds_openapi_json"
 _SCHEMA_REF = "#/components/schemas/{model}"
 
@@ -179,6 +180,12 @@ def _response(description: str, schema: dict[str, Any], **headers: dict[str, Any
     }
 
 
+def _job_response(schema: dict[str, Any]) -> dict[str, Any]:
+    answer = _response("The job: its JSON record, or its page for a browser.", schema)
+    answer["content"]["text/html"] = {"schema": {"type": "string"}}
+    return answer
+
+
 def _errors(*statuses: int) -> dict[str, dict[str, str]]:
     return {
         str(status): {"$ref": f"#/components/responses/{_ERROR_RESPONSES[status][0]}"} for status in statuses
@@ -302,15 +309,24 @@ def build_document(app: Flask) -> dict[str, Any]:
             "operationId": "jobStatus",
             "summary": "A model job's state, timestamps and, when done, its result.",
             "security": jwt,
-            "description": "Takes the EHR's JWT, or instead the signed ``access`` link a card carries.",
+            "description": (
+                "Takes the EHR's JWT, or instead the signed ``access`` link a card carries. Negotiated on "
+                "``Accept``: a browser preferring ``text/html`` gets a page for a clinician (the state in "
+                "words, progress, the result readably, refreshing itself until done); ``*/*``, JSON or no "
+                "``Accept`` gets the JSON record."
+            ),
             "parameters": [
                 {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
                 {"name": "access", "in": "query", "required": False, "schema": {"type": "string"}},
             ],
-            "responses": {"200": _response("The job.", refs["JobRecord"]), **_errors(401, 404, 500, 503)},
+            "responses": {
+                "200": _job_response(refs["JobRecord"]),
+                **_errors(401, 404, 500, 503),
+            },
         }
     }
     paths.update(draft_paths(refs, jwt))
+    paths.update(notification_paths())
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -339,7 +355,15 @@ def build_document(app: Flask) -> dict[str, Any]:
                         "CDS Hooks 2.0 §Trusting CDS Clients: a JWT signed by a trusted EHR, its aud the "
                         "exact URL called, used once (jti)."
                     ),
-                }
+                },
+                SUBSCRIPTION_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": (
+                        "The shared secret MEDGEMMA_CDS_FHIR_SUBSCRIPTION_SECRET, which the FHIR server "
+                        "sends with each notification (Subscription.channel.header 'Authorization: Bearer')."
+                    ),
+                },
             },
         },
     }
@@ -416,6 +440,66 @@ def draft_paths(refs: dict[str, dict[str, Any]], jwt: list[dict[str, list[str]]]
                     **_errors(401, 404),
                 },
             }
+        },
+    }
+
+
+def notification_paths() -> dict[str, Any]:
+    """Return the FHIR R4 Subscription (rest-hook) receiver: HAPI PUTs or DELETEs ``{endpoint}/{type}/{id}``
+    when the Subscription has a payload, and POSTs to the endpoint itself when it has none."""
+    security = [{SUBSCRIPTION_SCHEME: []}]
+    channel = {
+        "name": "channel_id",
+        "in": "path",
+        "required": True,
+        "description": "The notification channel (`medgemma-cds subscribe` creates `imaging`).",
+        "schema": {"enum": ["imaging"]},
+    }
+    resource = [
+        {"name": "resource_type", "in": "path", "required": True, "schema": {"type": "string"}},
+        {"name": "resource_id", "in": "path", "required": True, "schema": {"type": "string"}},
+    ]
+    fhir_resource = {
+        "type": "object",
+        "description": "The notified R4 resource: ImagingStudy, Media, DocumentReference, DiagnosticReport.",
+        "required": ["resourceType"],
+        "properties": {"resourceType": {"type": "string"}, "id": {"type": "string"}},
+    }
+    body = {"required": False, "content": {"application/fhir+json": {"schema": fhir_resource}}}
+    done = {
+        "description": "Handled: the OperationOutcome's diagnostics say what was done (e.g. enqueued).",
+        "headers": {"X-Request-Id": {"$ref": "#/components/headers/RequestId"}},
+        "content": {"application/fhir+json": {"schema": _ref("OperationOutcome")}},
+    }
+    answers = {"200": done, **_errors(400, 401, 404, 413, 500)}
+    return {
+        "/fhir-notifications/{channel_id}": {
+            "post": {
+                "operationId": "fhirNotification",
+                "summary": "A rest-hook notification POSTed to the endpoint: empty, or the resource itself.",
+                "security": security,
+                "parameters": [channel],
+                "requestBody": body,
+                "responses": answers,
+            }
+        },
+        "/fhir-notifications/{channel_id}/{resource_type}/{resource_id}": {
+            "put": {
+                "operationId": "fhirNotificationOfResource",
+                "summary": "A new or updated resource (HAPI with a payload): its patient's imaging draft is "
+                "queued before the chart opens.",
+                "security": security,
+                "parameters": [channel, *resource],
+                "requestBody": body,
+                "responses": answers,
+            },
+            "delete": {
+                "operationId": "fhirNotificationOfDeletion",
+                "summary": "A deleted resource (HAPI with a payload): acknowledged, nothing to prepare.",
+                "security": security,
+                "parameters": [channel, *resource],
+                "responses": answers,
+            },
         },
     }
 

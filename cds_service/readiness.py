@@ -142,6 +142,7 @@ def readiness_report(settings: Settings, fhir_base: str | None = None) -> dict[s
 
     Checks: Redis ping, database ping and schema, the FHIR server's ``/metadata`` when ``fhir_base`` is
     given, and at least one Celery worker on each model queue (``control.inspect().active_queues()``).
+    ``precompute`` reports the precompute triggers' progress (see ``precompute_report``).
     """
     checks = {
         "redis": _timed(lambda: check_redis(settings)),
@@ -157,8 +158,36 @@ def readiness_report(settings: Settings, fhir_base: str | None = None) -> dict[s
     return {
         "ready": all(check["ok"] for check in checks.values()),
         "checks": checks,
+        "precompute": precompute_report(settings) if checks["redis"]["ok"] else None,
         "config": masked_config(settings),
     }
+
+
+def precompute_report(settings: Settings) -> dict[str, Any]:
+    """Return precompute progress (informational, never a failed check): the newest sweep, the scheduler's
+    next run, precompute queue depths, precomputed jobs by state and what each trigger asked for."""
+    from cds_service.precompute import precompute_status
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=1)
+    try:
+        return precompute_status(client)
+    except redis.RedisError as error:
+        return {"error": type(error).__name__}
+    finally:
+        client.close()
+
+
+def scheduler_alive(settings: Settings) -> bool:
+    """Return whether a ``precompute --daily-at`` scheduler beat in Redis lately (its healthcheck)."""
+    from cds_service.precompute import SCHEDULER_KEY
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=1)
+    try:
+        return bool(client.exists(SCHEDULER_KEY))
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
 
 
 def local_worker_alive(settings: Settings) -> bool:

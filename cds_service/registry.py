@@ -24,7 +24,7 @@ USER_TOKENS = ("userPractitionerId", "userPractitionerRoleId", "userPatientId", 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
 _SERVICE_ID = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 # Context fields usable in templates: simple strings only (§Prefetch tokens: "only ... simple types").
-_NON_TOKEN_FIELDS = {"selections", "draft_orders"}
+_NON_TOKEN_FIELDS = {"selections", "draft_orders", "appointments"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class ServiceDefinition:
     prefetch: Mapping[str, Prefetch] = field(default_factory=dict)
     usage_requirements: str | None = None
     potentially_long_running: bool = False
+    #: A service that only precomputes what a later chart open will ask for, and where its model work runs:
+    #: ``background`` on the lower-priority precompute queues, ``interactive`` ahead of them (the patient is
+    #: here). Such a service never waits for the model.
+    precomputes: Literal["background", "interactive"] | None = None
 
     def descriptor(self) -> ServiceDescriptor:
         """Return this service's discovery entry (internal fields such as failure modes stay off the wire)."""
@@ -74,6 +78,7 @@ def service(
     prefetch: Mapping[str, str | Prefetch] | None = None,
     usage_requirements: str | None = None,
     potentially_long_running: bool = False,
+    precomputes: Literal["background", "interactive"] | None = None,
 ) -> Callable[[Handler], Handler]:
     """Declare the decorated function as the handler of a CDS service; checked when the registry loads."""
 
@@ -87,6 +92,7 @@ def service(
             prefetch={k: v if isinstance(v, Prefetch) else Prefetch(v) for k, v in (prefetch or {}).items()},
             usage_requirements=usage_requirements,
             potentially_long_running=potentially_long_running,
+            precomputes=precomputes,
         )
         handler.cds_service = definition  # type: ignore[attr-defined]
         return handler

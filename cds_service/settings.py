@@ -99,6 +99,25 @@ class Settings(BaseSettings):
     )
     smart_session_ttl_s: int = Field(default=8 * 3600, ge=60, description="Lifetime of a review-app session")
 
+    # Precompute: FHIR R4 Subscriptions (rest-hook) that notify new imaging, read back from their server
+    fhir_subscription_server: str | None = Field(
+        default=None,
+        description=(
+            "FHIR base whose Subscriptions notify us (/fhir-notifications); the notified patient's "
+            "imaging is read from it. Unset: notifications are refused."
+        ),
+    )
+    fhir_subscription_token: SecretStr | None = Field(
+        default=None, description="Bearer token for reading fhir_subscription_server, if it needs one"
+    )
+    fhir_subscription_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Shared secret the FHIR server sends as 'Authorization: Bearer <secret>' "
+            "(Subscription.channel.header); unset: notifications are refused"
+        ),
+    )
+
     # Limits
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     max_json_depth: int = Field(default=64, ge=8)

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from dataclasses import field
+from datetime import date
 from datetime import datetime
 from typing import Any
 from typing import Literal
@@ -97,13 +98,46 @@ class OrderSelectContext(OrderSignContext):
     selections: list[str] = Field(min_length=1)
 
 
-HookContext = PatientViewContext | OrderSelectContext | OrderSignContext
+class AppointmentBookContext(WireModel):
+    """Context of ``appointment-book`` 1.0 (https://cds-hooks.org/hooks/appointment-book/): the appointments
+    being booked, as a Bundle read tolerantly like ``draftOrders``."""
+
+    user_id: str = Field(pattern=FHIR_REFERENCE)
+    patient_id: str = Field(pattern=FHIR_ID)
+    encounter_id: str | None = Field(default=None, pattern=FHIR_ID)
+    appointments: dict[str, Any]
+
+    @field_validator("appointments")
+    @classmethod
+    def _appointments_is_bundle(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("resourceType") != "Bundle":
+            raise ValueError("appointments must be a FHIR Bundle")
+        return value
+
+
+class EncounterStartContext(WireModel):
+    """Context of ``encounter-start`` 1.0 (https://cds-hooks.org/hooks/encounter-start/): a check-in."""
+
+    user_id: str = Field(pattern=FHIR_REFERENCE)
+    patient_id: str = Field(pattern=FHIR_ID)
+    encounter_id: str = Field(pattern=FHIR_ID)
+
+
+HookContext = (
+    PatientViewContext
+    | OrderSelectContext
+    | OrderSignContext
+    | AppointmentBookContext
+    | EncounterStartContext
+)
 
 #: Hooks this service understands, with the context model each one carries.
 HOOK_CONTEXTS: dict[str, type[HookContext]] = {
     "patient-view": PatientViewContext,
     "order-select": OrderSelectContext,
     "order-sign": OrderSignContext,
+    "appointment-book": AppointmentBookContext,
+    "encounter-start": EncounterStartContext,
 }
 
 
@@ -385,6 +419,11 @@ class ModelJobs(Protocol):
         """Return the public URL of a job's status."""
         ...
 
+    def for_service(self, service_id: str) -> ModelJobs:
+        """Return the same handle asking on behalf of another service: a trigger that precomputes what
+        that service's chart open will ask for gets the very same job ids."""
+        ...
+
 
 @dataclass(frozen=True)
 class LoadedImage:
@@ -432,17 +471,21 @@ class HookCall:
     the EHR sent ``null``, the template could not be rendered, or the key was optional and unreadable; such
     unreadable keys are in ``unavailable`` with the reason. ``tolerated`` counts the repairs made reading
     the inbound FHIR. ``jobs`` is None where the service runs without model workers (a unit test of rules).
+    ``today`` is the day the call is made, from the app's clock: the model's context ages the patient by it,
+    so a precomputed job and the chart open that day ask for the same job.
     """
 
     service_id: str
     request: HookRequest
-    context: PatientViewContext | OrderSelectContext | OrderSignContext
+    context: HookContext
     prefetch: dict[str, Any]
     public_url: str
     content_hashes: dict[str, str] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     tolerated: Counter[str] = field(default_factory=Counter)
     draft_orders: Any | None = None
+    appointments: Any | None = None
+    today: date = field(default_factory=date.today)
     jobs: ModelJobs | None = None
     images: RecordImages | None = None
     drafts: DraftRecorder | None = None

@@ -149,4 +149,6 @@ def image_sources(media: list[Any], documents: list[Any]) -> list[ImageSource]:
             source = _attachment_source(document, content.attachment, study, document.date)
             if source:
                 sources.append(source)
-    return sorted(sources, key=lambda s: as_instant(s.taken) or EPOCH, reverse=True)
+    # Ties by resource, so the newest image (the one drafted) doesn't depend on a Bundle's entry order.
+    by_resource = sorted(sources, key=lambda s: s.resource)
+    return sorted(by_resource, key=lambda s: as_instant(s.taken) or EPOCH, reverse=True)

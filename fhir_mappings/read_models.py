@@ -282,6 +282,7 @@ class ImagingStudy(Resource):
     """ImagingStudy: a study that may need a report."""
 
     status: Text = None
+    subject: One[Reference] = None
     started: Text = None
     series: Many[ImagingSeries] = []
 
@@ -290,6 +291,7 @@ class Media(Resource):
     """Media (R4): an image attachment, possibly part of an ImagingStudy."""
 
     status: Text = None
+    subject: One[Reference] = None
     content: One[Attachment] = None
     partOf: Many[Reference] = []
     createdDateTime: Text = None
@@ -312,6 +314,7 @@ class DocumentReference(Resource):
     """DocumentReference: a document whose attachment may be an image."""
 
     status: Text = None
+    subject: One[Reference] = None
     date: Text = None
     content: Many[DocumentContent] = []
     context: One[DocumentContext] = None
@@ -327,9 +330,25 @@ class DiagnosticReport(Resource):
     """DiagnosticReport: a report covering studies and images."""
 
     status: Text = None
+    subject: One[Reference] = None
     code: One[CodeableConcept] = None
     imagingStudy: Many[Reference] = []
     media: Many[DiagnosticReportMedia] = []
+
+
+class AppointmentParticipant(Element):
+    """Appointment.participant: who takes part (a Patient, a Practitioner, a Location) and their answer."""
+
+    actor: One[Reference] = None
+    status: Text = None
+
+
+class Appointment(Resource):
+    """Appointment: a booked visit (``appointment-book`` context, the day's schedule swept for precompute)."""
+
+    status: Text = None
+    start: Text = None
+    participant: Many[AppointmentParticipant] = []
 
 
 class OperationOutcomeIssue(Element):
@@ -392,6 +411,7 @@ READ_MODELS: dict[str, type[Resource]] = {
         Media,
         DocumentReference,
         DiagnosticReport,
+        Appointment,
         OperationOutcome,
         Bundle,
     )

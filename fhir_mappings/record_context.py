@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -34,8 +35,17 @@ class RecordContext:
 
 
 def raw_content_hash(data: dict[str, Any]) -> str:
-    """Return a hash of a resource's JSON content, ignoring ``meta`` (it changes when content doesn't)."""
+    """Return a canonical hash of one resource's JSON: its content and ``meta.versionId``, keys sorted.
+
+    The same resource hashes the same however it was sent (key order, whitespace, escapes, the Bundle it
+    came in), so a job precomputed from the FHIR server is the one a chart open asks for. A new version
+    (content or versionId) hashes differently, so an old result is never taken as current. The rest of
+    ``meta`` is left out: servers rewrite ``lastUpdated``, and tags or profiles are not clinical content.
+    """
     content = {k: v for k, v in data.items() if k != "meta"}
+    meta = data.get("meta")
+    if isinstance(meta, dict) and meta.get("versionId") is not None:
+        content["meta"] = {"versionId": str(meta["versionId"])}
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
         :32
     ]
@@ -44,7 +54,9 @@ def raw_content_hash(data: dict[str, Any]) -> str:
 def raw_content_hashes(data: dict[str, Any]) -> dict[str, str]:
     """Return ``{"Type/id": hash}`` for a resource's JSON or every entry of a Bundle's JSON.
 
-    Hashing the JSON as received is far cheaper than re-serialising parsed fhir.resources objects.
+    Only the resources count: a Bundle's own id, meta, links, entry order, ``fullUrl`` and ``search`` differ
+    between an EHR's prefetch and a FHIR server's answer without the record differing. Hashing the JSON as
+    received is far cheaper than re-serialising parsed fhir.resources objects.
     """
     resources = (
         [e.get("resource") or {} for e in data.get("entry") or []]
@@ -107,6 +119,16 @@ def patient_line(patient: Any, today: date) -> str:
     return f"Patient: {patient.gender or 'unknown sex'}{age}"
 
 
+def by_id(resources: list[Any]) -> list[Any]:
+    """Return resources sorted by id: what the model reads must not depend on a Bundle's entry order."""
+    return sorted(resources, key=lambda resource: resource.id or "")
+
+
+def newest_first(resources: list[Any], when: Callable[[Any], datetime | None]) -> list[Any]:
+    """Return resources newest first by ``when``, ties by id, undated last (not ahead of every dated one)."""
+    return sorted(by_id(resources), key=lambda resource: when(resource) or EPOCH, reverse=True)
+
+
 def record_context(
     patient: Any,
     conditions: Any,
@@ -120,7 +142,9 @@ def record_context(
 ) -> RecordContext:
     """Return the record as lines "[Type/id] date kind: text", most important first, cut at the budget.
 
-    Order of importance: allergies, active problems, active medications, then observations newest first.
+    Order of importance: allergies (high criticality first), active problems, active medications, then
+    observations, each newest first with ties by id, so the text is the same whatever order the record's
+    Bundles list their entries in.
     ``content_hashes`` (from the JSON as received) saves re-serialising each resource to hash it.
     """
     known = content_hashes or {}
@@ -129,19 +153,19 @@ def record_context(
         return known.get(reference(resource)) or content_hash(resource)
 
     candidates: list[tuple[Any, str]] = []
-    for allergy in active_allergies(allergies):
+    high_first = sorted(by_id(active_allergies(allergies)), key=lambda a: a.criticality != "high")
+    for allergy in high_first:
         criticality = f" ({allergy.criticality} criticality)" if allergy.criticality else ""
         candidates.append((allergy, f"allergy{criticality}: {concept_text(allergy.code)}"))
-    for condition in active_conditions(conditions):
+    for condition in newest_first(active_conditions(conditions), lambda c: as_instant(c.onsetDateTime)):
         candidates.append(
             (condition, f"{_day(condition.onsetDateTime)} problem: {concept_text(condition.code)}")
         )
-    for request in active_medication_requests(medications):
+    for request in newest_first(active_medication_requests(medications), lambda m: as_instant(m.authoredOn)):
         text = concept_text(medication_concept(request))
         candidates.append((request, f"{_day(request.authoredOn)} medication: {text}"))
-    dated = [(o, observation_time(o)) for o in bundle_resources(observations, "Observation")]
-    # Newest first; undated observations go last rather than ahead of every dated one.
-    for observation, when in sorted(dated, key=lambda pair: pair[1] or EPOCH, reverse=True):
+    for observation in newest_first(bundle_resources(observations, "Observation"), observation_time):
+        when = observation_time(observation)
         day = when.date().isoformat() if when else "undated"
         value = _observation_value(observation)
         if value:

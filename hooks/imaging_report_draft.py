@@ -8,9 +8,11 @@ from cds_service.wire import Card
 from cds_service.wire import HookCall
 from cds_service.wire import HookResponse
 from cds_service.wire import JobRecord
+from cds_service.wire import LoadedImage
 from fhir_mappings.ai_cards import guarded_ai_cards
 from fhir_mappings.ai_cards import job_cards
 from fhir_mappings.images import ImageRejected
+from fhir_mappings.images import ImageSource
 from fhir_mappings.imaging import describe_source
 from fhir_mappings.imaging import imaging_draft_card
 from fhir_mappings.imaging import imaging_worklist
@@ -19,6 +21,23 @@ from fhir_mappings.imaging import unreadable_image_card
 from fhir_mappings.model_outputs import ImagingReadOutput
 from fhir_mappings.prompts import SYSTEM_PROMPT
 from fhir_mappings.prompts import imaging_prompt
+
+
+def request_imaging_job(
+    call: HookCall, source: ImageSource
+) -> tuple[LoadedImage, list[str], JobRecord | None]:
+    """Ask for the imaging-read job of ``source`` (the newest unreported image), the one this service's chart
+    open asks for; return the image, the evidence and the job. ImageRejected when the image can't be used."""
+    if call.images is None or call.jobs is None:
+        raise ImageRejected("this call can read no images")
+    image = call.images.load(source.content_type, source.data_b64, source.url)
+    evidence = [ref for ref in (source.resource, source.study) if ref]
+    prompt = imaging_prompt(describe_source(source, call.prefetch["studies"]))
+    job = call.jobs.for_service("imaging-report-draft").request(
+        "imaging-read", "image", SYSTEM_PROMPT, prompt,
+        evidence=evidence, input_hashes=[image.content_hash], images_b64=[image.png_b64],
+    )  # fmt: skip
+    return image, evidence, job
 
 
 @service(
@@ -45,14 +64,9 @@ def imaging_report_draft(call: HookCall) -> HookResponse:
             return []
         source, drafts = sources[0], call.drafts
         try:
-            image = call.images.load(source.content_type, source.data_b64, source.url)
+            image, evidence, job = request_imaging_job(call, source)
         except ImageRejected as rejected:
             return [unreadable_image_card(source, str(rejected))]
-        evidence = [ref for ref in (source.resource, source.study) if ref]
-        job = call.jobs.request(
-            "imaging-read", "image", SYSTEM_PROMPT, imaging_prompt(describe_source(source, p["studies"])),
-            evidence=evidence, input_hashes=[image.content_hash], images_b64=[image.png_b64],
-        )  # fmt: skip
 
         def draft_card(finished: JobRecord) -> Card | None:
             output = ImagingReadOutput.model_validate(finished.result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -102,7 +103,10 @@ def test_the_api_reaches_postgres_and_redis_in_the_stack(compose: dict[str, Any]
     assert env["MEDGEMMA_CDS_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert "@cds-db:5432/" in env["MEDGEMMA_CDS_DATABASE_URL"]
     assert env["MEDGEMMA_CDS_REDIS_URL"] == "redis://redis:6379/0"
-    assert env["MEDGEMMA_CDS_FHIR_SERVER_ALLOWLIST"].split(":-", 1)[1].startswith('["https://')
+    # The stack's own HAPI server by its http:// origin (plain HTTP to exactly that origin), others by https.
+    allowlist = json.loads(env["MEDGEMMA_CDS_FHIR_SERVER_ALLOWLIST"].split(":-", 1)[1].removesuffix("}"))
+    assert allowlist[0] == "http://fhir:8080/fhir"
+    assert all(entry.startswith("https://") for entry in allowlist[1:])
 
 
 def test_long_lived_services_have_healthchecks(compose: dict[str, Any]) -> None:

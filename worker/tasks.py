@@ -11,7 +11,9 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 from cds_service.jobs import TASK_NAME
+from cds_service.jobs import JobRequestUnreadable
 from cds_service.jobs import JobStore
+from cds_service.jobs import job_request_key
 from cds_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,13 @@ MAX_ATTEMPTS = 3
 
 def run_model_job(settings: Settings, store: JobStore, job_id: str) -> None:
     """Run one stored job unless it is finished or over its attempts; the result is written once."""
-    request = store.request_of(job_id)
+    try:
+        request = store.request_of(job_id)
+    except JobRequestUnreadable as problem:
+        # Every retry would fail the same way: the job fails now, saying which setting differs.
+        log.error("model job failed: %s", problem)
+        store.finish(job_id, {"state": "failed", "error": str(problem)})
+        return
     record = store.get(job_id)
     if request is None or record is None or record.state in ("done", "failed"):
         return
@@ -50,7 +58,11 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def job_store() -> JobStore:
         pid = os.getpid()
         if pid not in connection:
-            connection[pid] = JobStore(redis.Redis.from_url(settings.redis_url), settings.result_ttl_s)
+            connection[pid] = JobStore(
+                redis.Redis.from_url(settings.redis_url),
+                settings.result_ttl_s,
+                request_key=job_request_key(settings),
+            )
         return connection[pid]
 
     @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -10,6 +10,7 @@ from flask import Flask
 
 from cds_service.review.routes import bp
 from cds_service.review.sessions import ReviewStore
+from cds_service.settings import purpose_key
 
 
 def init_review(app: Flask) -> None:
@@ -17,6 +18,6 @@ def init_review(app: Flask) -> None:
     services = app.extensions["cds"]
     settings = services.settings
     app.extensions["review"] = ReviewStore(
-        services.redis, settings.secret_key.get_secret_value(), settings.smart_session_ttl_s
+        services.redis, purpose_key(settings, "review-app"), settings.smart_session_ttl_s
     )
     app.register_blueprint(bp)

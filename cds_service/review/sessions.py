@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -29,12 +28,6 @@ from cryptography.fernet import InvalidToken
 PENDING_TTL_S = 600
 CODE_TTL_S = 3600
 _PREFIX = "mgcds:review:"
-
-
-def fernet(secret: str, purpose: str) -> Fernet:
-    """Return a Fernet keyed for one purpose from the service's secret key."""
-    key = hmac.new(secret.encode(), f"medgemma-cds {purpose}".encode(), hashlib.sha256).digest()
-    return Fernet(base64.urlsafe_b64encode(key))
 
 
 @dataclass(frozen=True)
@@ -69,9 +62,9 @@ class ReviewSession:
 class ReviewStore:
     """The review app's records in Redis."""
 
-    def __init__(self, client: redis.Redis, secret: str, session_ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, key: bytes, session_ttl_s: int) -> None:
         self.redis = client
-        self.box = fernet(secret, "review-app")
+        self.box = Fernet(base64.urlsafe_b64encode(key))
         self.session_ttl_s = session_ttl_s
 
     def _seal(self, value: dict[str, Any]) -> bytes:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 
 from sqlalchemy import func
 from sqlalchemy import select
 
+from cds_service.settings import purpose_key
 from cds_service.store import AuditWriter
 from cds_service.store import HookAudit
 from cds_service.store import Store
 from cds_service.store import patient_hash
 
 KEY = b"audit-test-key-0123456789abcdef!"
+SUMMARY = "/cds-services/patient-summary"
 
 
 def test_rows_are_written_in_the_background_and_flushed_on_demand(database_url: str) -> None:
@@ -47,7 +50,7 @@ def test_rows_are_written_in_the_background_and_flushed_on_demand(database_url: 
         assert session.scalar(select(func.count()).select_from(HookAudit)) == before + 5
     assert {row.patient_hash for row in rows} == {patient_hash("p-secret", KEY)}
     # Keyed: hashing guessed ids without the key finds nothing.
-    assert rows[0].patient_hash not in hashlib.sha256(b"p-secret").hexdigest()
+    assert rows[0].patient_hash != hashlib.sha256(b"p-secret").hexdigest()[:32]
     assert all(row.status == 200 and row.cards == 2 for row in rows)
 
 
@@ -71,10 +74,25 @@ def test_patient_hash_depends_on_the_key() -> None:
     assert len(patient_hash("p-secret", KEY)) == 32
 
 
-def test_the_app_audits_with_a_key_derived_from_the_secret(app) -> None:
-    from cds_service.settings import purpose_key
-
-    services = app.extensions["cds"]
-    derived = purpose_key(services.settings, "audit-patient-hash")
-    assert services.audit._patient_hash_key == derived
-    assert derived != services.settings.secret_key.get_secret_value().encode()
+def test_a_hook_call_is_audited_under_a_hash_keyed_from_the_secret(
+    app, client, issuer, hook_body, settings
+) -> None:
+    patient_id = f"p-audit-{uuid.uuid4().hex[:8]}"
+    # Every key sent as null (the client found nothing): the rule card only, no model job.
+    prefetch = dict.fromkeys(["patient", "conditions", "medications", "allergies", "observations"])
+    body = hook_body("patient-view", patient_id, prefetch=prefetch)
+    assert client.post(SUMMARY, json=body, headers=issuer.headers(SUMMARY)).status_code == 200
+    app.extensions["cds"].audit.flush()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with Store(settings.database_url).session() as session:
+            row = session.scalars(
+                select(HookAudit).where(HookAudit.hook_instance == body["hookInstance"])
+            ).first()
+        if row is not None:
+            break
+        time.sleep(0.1)
+    assert row is not None
+    assert row.patient_hash == patient_hash(patient_id, purpose_key(settings, "audit-patient-hash"))
+    assert row.patient_hash != hashlib.sha256(patient_id.encode()).hexdigest()[:32]
+    assert patient_id not in row.patient_hash

@@ -20,6 +20,7 @@ from cds_service.jobs import JobStore
 from cds_service.settings import Settings
 
 MODEL = "google/medgemma-27b-text-it"
+REQUEST_KEY = b"job-request-test-key-0123456789a"
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def client() -> Iterator[redis.Redis]:
 def queue(client: redis.Redis, budget_s: float, sent: list[str]) -> JobQueue:
     settings = Settings(text_model=MODEL, redis_url="redis://unused")
     return JobQueue(
-        JobStore(client, 3600),
+        JobStore(client, 3600, request_key=REQUEST_KEY),
         lambda job_id, role: sent.append(job_id),
         settings,
         "patient-summary",
@@ -57,7 +58,7 @@ def test_the_wait_ends_on_the_done_message_not_the_deadline(client: redis.Redis)
     client.set(f"{HEARTBEAT_PREFIX}text:host:1", 1, ex=30)
     sent: list[str] = []
     jobs = queue(client, 10.0, sent)
-    store = JobStore(client, 3600)
+    store = JobStore(client, 3600, request_key=REQUEST_KEY)
 
     def worker() -> None:
         while not sent:

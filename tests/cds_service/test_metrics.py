@@ -138,7 +138,7 @@ def test_job_scan_stops_at_its_bound(metrics_client: FlaskClient, own_redis_url:
 def test_model_throughput_comes_from_finished_jobs_counted_once(
     metrics_client: FlaskClient, own_redis_url: str
 ) -> None:
-    store = JobStore(redis.Redis.from_url(own_redis_url), ttl_s=600)
+    store = JobStore(redis.Redis.from_url(own_redis_url), ttl_s=600, request_key=bytes(32))
     model = "google/medgemma-4b-it"
     for index, (tokens, seconds) in enumerate([(120, 2.0), (60, 1.0)]):
         job = ModelJobRequest(

@@ -63,10 +63,8 @@ class Conformance:
         validator = Draft202012Validator(
             {**schema, "components": self.document["components"]}, format_checker=FormatChecker()
         )
-        errors = [
-            f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validator.iter_errors(response.json)
-        ]
+        body = response.get_data(as_text=True) if response.mimetype == "text/html" else response.json
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(body)]
         assert not errors, f"{method.upper()} {template} {status}: {errors}"
         assert "X-Request-Id" in response.headers
         self.seen.add((template, method, response.status_code))
@@ -332,4 +330,9 @@ def test_job_answers_as_documented(
     for path in (f"/jobs/{job_id}", f"/jobs/{uuid.uuid4().hex}"):
         conformance.check("/jobs/{job_id}", "get", client.get(path, headers=issuer.headers(path)))
         conformance.check("/jobs/{job_id}", "get", client.get(path))
+    # A browser asks for HTML: the page is documented as well as the JSON record.
+    path = f"/jobs/{job_id}"
+    page = client.get(path, headers=issuer.headers(path) | {"Accept": "text/html"})
+    assert page.mimetype == "text/html"
+    conformance.check("/jobs/{job_id}", "get", page)
     assert {status for _, _, status in conformance.seen} == {200, 401, 404}

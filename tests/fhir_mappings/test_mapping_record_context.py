@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable
 from datetime import date
 from typing import Any
 
+from fhir_mappings.read_models import read_resource
 from fhir_mappings.record_context import CHARS_PER_TOKEN
 from fhir_mappings.record_context import content_hash
 from fhir_mappings.record_context import patient_line
+from fhir_mappings.record_context import raw_content_hash
+from fhir_mappings.record_context import raw_content_hashes
 from fhir_mappings.record_context import record_context
 
 TODAY = date(2025, 1, 1)
@@ -152,16 +156,106 @@ def test_hashes_follow_content(kermit: Any, fhir: Callable[..., Any], bundle_of:
     assert differing == [base.evidence.index(f"Condition/{condition['id']}")]
 
 
-def test_hashes_ignore_meta(kermit: Any, fhir: Callable[..., Any], bundle_of: Callable[..., Any]) -> None:
-    base = _context(kermit)
+def test_hashes_keep_the_version_but_not_the_rest_of_meta(kermit: Any) -> None:
     condition = _active_condition(kermit)
-    touched = dict(condition, meta={"versionId": "7", "lastUpdated": "2025-01-01T00:00:00Z"})
-
-    assert (
-        _context(kermit, conditions=_with_condition(kermit, touched, bundle_of)).input_hashes
-        == base.input_hashes
+    version_7 = dict(condition, meta={"versionId": "7", "lastUpdated": "2025-01-01T00:00:00Z"})
+    # A server rewrites lastUpdated, adds tags and profiles: the same version of the same content.
+    rewritten = dict(
+        condition,
+        meta={"lastUpdated": "2025-03-03T10:00:00+01:00", "versionId": 7, "tag": [{"code": "x"}]},
     )
-    assert content_hash(fhir(touched)) == content_hash(fhir(condition))
+    version_8 = dict(condition, meta={"versionId": "8", "lastUpdated": "2025-01-01T00:00:00Z"})
+
+    assert raw_content_hash(version_7) == raw_content_hash(rewritten)
+    assert raw_content_hash(version_8) != raw_content_hash(version_7)
+    assert raw_content_hash(condition) != raw_content_hash(version_7)
+
+
+def _as_received(bundle: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The same search answer as another sender formats it: entries shuffled, keys reversed at every depth,
+    the Bundle's own id, meta and links new, search modes and fullUrls added."""
+    rng = random.Random(seed)
+
+    def reorder(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: reorder(value[key]) for key in reversed(list(value))}
+        if isinstance(value, list):
+            return [reorder(item) for item in value]
+        return value
+
+    entries = [
+        {"search": {"mode": "match"}, "fullUrl": f"urn:uuid:{rng.random()}", "resource": entry["resource"]}
+        for entry in bundle["entry"]
+    ]
+    rng.shuffle(entries)
+    return reorder(
+        {
+            "resourceType": "Bundle",
+            "id": str(rng.random()),
+            "meta": {"lastUpdated": "2031-01-01T00:00:00Z", "versionId": "3"},
+            "type": "searchset",
+            "link": [{"relation": "self", "url": "https://ehr.test/fhir/Observation?patient=1"}],
+            "entry": entries,
+        }
+    )
+
+
+def test_the_record_context_ignores_how_the_bundles_were_sent(kermit: Any, louis: Any) -> None:
+    for chart in (kermit, louis):
+        raw = {
+            key: {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "entry": [{"resource": r} for r in chart.raw(kind)],
+            }
+            for key, kind in (
+                ("conditions", "Condition"),
+                ("medications", "MedicationRequest"),
+                ("allergies", "AllergyIntolerance"),
+                ("observations", "Observation"),
+            )
+        }
+        contexts = []
+        for seed in range(4):
+            sent = {key: _as_received(bundle, seed) if seed else bundle for key, bundle in raw.items()}
+            hashes: dict[str, str] = {}
+            for bundle in sent.values():
+                hashes.update(raw_content_hashes(bundle))
+            parsed = {key: read_resource(bundle) for key, bundle in sent.items()}
+            contexts.append(
+                record_context(
+                    chart.patient(), **parsed, token_budget=1500, today=TODAY, content_hashes=hashes
+                )
+            )
+        assert len(contexts[0].evidence) > 3
+        assert all(context == contexts[0] for context in contexts), "the prompt or hashes followed the order"
+
+
+def test_ties_are_ordered_by_id(fhir: Callable[..., Any], bundle_of: Callable[..., Any]) -> None:
+    same_day = [
+        _observation(name, "Heart rate", effectiveDateTime="2024-05-01", valueQuantity={"value": 70})
+        for name in ("b", "c", "a")
+    ]
+    conditions = [
+        {
+            "resourceType": "Condition",
+            "id": name,
+            "clinicalStatus": {"coding": [{"code": "active"}]},
+            "code": {"text": f"problem {name}"},
+            "onsetDateTime": "2020-01-01",
+        }
+        for name in ("z", "y")
+    ]
+    context = record_context(
+        None, bundle_of(conditions), None, None, bundle_of(same_day), token_budget=1000, today=TODAY
+    )
+    assert context.evidence == [
+        "Condition/y",
+        "Condition/z",
+        "Observation/a",
+        "Observation/b",
+        "Observation/c",
+    ]
 
 
 def _observation(observation_id: str, text: str, **fields: Any) -> dict[str, Any]:
