@@ -101,7 +101,9 @@ class ParsedPrefetchCache:
 
     def parse(self, data: dict[str, Any]) -> ParsedValue:
         """Return the read value; ValueError when it is not a FHIR resource at all."""
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        # Keys in the order received: the same JSON resent hits, the same content reordered just misses (a
+        # sorted dump costs three times as much, on every new chart).
+        text = json.dumps(data, separators=(",", ":"))
         digest = hashlib.sha256(text.encode()).hexdigest()
         with self._lock:
             if digest in self._entries:
