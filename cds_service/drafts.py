@@ -29,6 +29,7 @@ from cds_service.store import Draft
 from cds_service.store import Store
 from cds_service.store import utcnow
 from cds_service.wire import JobRecord
+from fhir_mappings.ai_cards import model_identifier
 from fhir_mappings.model_outputs import ImagingReadOutput
 from fhir_mappings.reports import DRAFT_IDENTIFIER_SYSTEM
 from fhir_mappings.reports import ai_provenance
@@ -111,7 +112,8 @@ class DraftService:
             issued=now,
         )
         target = f"urn:uuid:{draft_id_uuid(draft_id)}"
-        provenance = ai_provenance(target, job.model or "unknown model", job.model_version or "unknown", now)
+        model = model_identifier(job.model)
+        provenance = ai_provenance(target, model, job.model_version or "unknown", now)
         draft = Draft(
             id=draft_id,
             source_key=key,
@@ -123,7 +125,7 @@ class DraftService:
             study_ref=study,
             image_ref=image_ref,
             job_id=job.id,
-            model_id=job.model or "unknown model",
+            model_id=model,
             model_version=job.model_version or "unknown",
             input_hashes=input_hashes,
             evidence=evidence,

@@ -31,18 +31,22 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 log = logging.getLogger(__name__)
 
 
-def model_display_name(model: str | None) -> str:
-    """Return the model as people know it: MedGemma's name, a Hub id, or a local folder's own name.
+def model_identifier(model: str | None) -> str:
+    """Return the model's identifier for the record: its Hub id, or a local checkpoint's folder name.
 
-    A configured local path is never shown: it says nothing to a clinician and something to an attacker.
+    A configured local path is never shown or written: it says nothing to a clinician and something to an
+    attacker.
     """
     if not model:
         return "model"
-    if model in KNOWN_MODELS:
-        return KNOWN_MODELS[model]
     if _HUB_ID.match(model):
         return model
     return re.split(r"[\\/]", model.rstrip("/\\"))[-1] or "local model"
+
+
+def model_display_name(model: str | None) -> str:
+    """Return the model as people know it: MedGemma's name ("MedGemma 4B"), else its identifier."""
+    return KNOWN_MODELS.get(model or "", model_identifier(model))
 
 
 def model_source(record: JobRecord) -> Source:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 import llguidance
@@ -267,7 +268,8 @@ def _config_version(config: Any) -> str:
     if commit:
         return commit
     digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
-    return f"{config._name_or_path}@{digest}"
+    # A local checkpoint is named by its folder, never its path: the version reaches cards and the record.
+    return f"{Path(str(config._name_or_path)).name}@{digest}"
 
 
 def _describe(invalid: ValidationError) -> str:

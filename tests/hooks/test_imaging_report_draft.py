@@ -153,6 +153,8 @@ def test_draft_signed_in_browser_after_an_ehr_launch_names_the_launched_clinicia
     ehr_access = fhir_access(smart_server.iss, smart_server.issue_token(chest_xray_patient))
     card = draft_card_when_ready(live_server, issuer, fhir_server, chest_xray_patient, ehr_access)
     assert "requires clinician review" in card["detail"]
+    # The model is named by its folder, never by the path it was loaded from (cards and the record).
+    assert live_server.env["MEDGEMMA_CDS_IMAGE_MODEL"] not in card["source"]["label"]
     (action,) = card["suggestions"][0]["actions"]
     assert action["type"] == "create"
     assert action["resource"]["resourceType"] == "DiagnosticReport"
@@ -189,6 +191,8 @@ def test_draft_signed_in_browser_after_an_ehr_launch_names_the_launched_clinicia
         )
         page.click("#sign")
         page.wait_for_selector("#written")
+        # The tiny model's long unbroken text wraps: the confirmation is on screen, not off to the right.
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         assert page.inner_text("#status").lower() == "signed"
         assert "edited by the signing clinician" in page.inner_text("#signed-text")
         assert "FINDINGS" in page.inner_text("#ai-text")
@@ -208,6 +212,7 @@ def test_draft_signed_in_browser_after_an_ehr_launch_names_the_launched_clinicia
     assert activities == ["CREATE", "VERIFY"]
     model_agent = next(p for p in provenances if p["activity"]["coding"][0]["code"] == "CREATE")
     assert model_agent["contained"][0]["resourceType"] == "Device"
+    assert live_server.env["MEDGEMMA_CDS_IMAGE_MODEL"] not in json.dumps(model_agent)
     verify = next(p for p in provenances if p["activity"]["coding"][0]["code"] == "VERIFY")
     assert verify["agent"][0]["who"]["reference"] == practitioner
     # The EHR's FHIR server saw the write with the token it gave this clinician at launch.
