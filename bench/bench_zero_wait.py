@@ -9,7 +9,8 @@ Runs a throw-away Redis, a SQLite store, sekmet (FHIR R4) with N synthetic patie
 2. the worker drains the precompute queue (tiny model on CPU: this is the model's time, not the sweep's);
 3. every chart is opened once (patient-view with full prefetch, as an EHR sends it): the zero-wait rate is
    the share of first opens that carried the AI card; /metrics reports the same ratio;
-4. for comparison, the same number of charts nobody prepared are opened once (their zero-wait rate is 0).
+4. for comparison, a quarter as many charts nobody prepared are opened once: their job starts then, and the
+   hook waits up to its budget for it (the tiny model often makes it; MedGemma on a GPU would not).
 
 Prints figures only. Usage: ``.venv/bin/python bench/bench_zero_wait.py [--patients 40] [--budget-ms 1500]``.
 """
@@ -218,7 +219,11 @@ def main() -> None:
     )
     cold_carried = sum(1 for ok, _ in cold if ok)
     cold_rate = cold_carried / len(cold)
-    print(f"  zero-wait rate, charts nobody prepared:       {cold_carried}/{len(cold)} = {cold_rate:.0%}")
+    cold_ms = statistics.median(ms for _, ms in cold)
+    print(f"  charts nobody prepared, AI card on 1st open:  {cold_carried}/{len(cold)} = {cold_rate:.0%}")
+    # The tiny model decodes a summary in about half a second, inside the budget the hook waits; MedGemma
+    # takes seconds (hundreds of tokens at 2.6 to 16 ms each on a GPU), so there it would be "running".
+    print(f"    first-open latency p50 {cold_ms:.1f} ms (waiting for the model within the hook budget)")
     print(f"  /metrics: {ratio_line}")
 
 

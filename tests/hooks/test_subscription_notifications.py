@@ -291,7 +291,8 @@ def test_what_is_not_a_new_image_is_acknowledged_and_ignored(
     receiver: FlaskClient, fhir_server: FhirServer, redis_client: redis.Redis
 ) -> None:
     before = redis_client.scard(PRECOMPUTE_JOBS_KEY)
-    patient_id = fhir_server.patients["Trantow"]
+    # A patient of this test's own: other tests attach images to the sample patients.
+    patient_id = fhir_post(fhir_server, {"resourceType": "Patient", "gender": "female"})["id"]
     auth = {"Authorization": f"Bearer {SECRET}"}
     assert "not an imaging resource" in diagnostics(
         put(receiver, {"resourceType": "Patient", "id": patient_id})

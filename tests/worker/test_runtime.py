@@ -56,7 +56,8 @@ def test_load_runtime_reads_the_checkpoint_folder(runtime: ModelRuntime, tiny_mo
     assert (runtime.device.type, runtime.model.dtype) == ("cpu", runtime.dtype)
     assert not runtime.model.training
     assert runtime.model_id == str(tiny_model_dir)
-    assert runtime.model_version.startswith(f"{tiny_model_dir}@")
+    # A local checkpoint's version names its folder, never its path (it reaches cards and the record).
+    assert runtime.model_version.startswith(f"{tiny_model_dir.name}@")
     # The checkpoint ships sampling, as MedGemma does; the runtime must still decode greedily.
     assert runtime.model.generation_config.do_sample
 
