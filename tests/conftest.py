@@ -216,7 +216,7 @@ def live_server(
     )
     try:
         wait_for_http(f"{url}/healthz")
-        yield LiveServer(url=url, env=env)
+        yield LiveServer(url=url, env=env, log_path=log_path)
     finally:
         process.terminate()
         process.wait(timeout=15)

@@ -131,6 +131,7 @@ class LiveServer:
 
     url: str
     env: dict[str, str]
+    log_path: Path | None = None
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from smart_server import SmartServer
 from support import SECRET_KEY
 from support import FhirServer
 from support import LiveServer
+from support import leaks_in_log
 
 from cds_service.drafts import DraftService
 from cds_service.settings import Settings
@@ -34,10 +35,14 @@ from fhir_mappings.reports import DRAFT_IDENTIFIER_SYSTEM
 
 
 @pytest.fixture
-def smart(smart_server: SmartServer) -> Iterator[SmartServer]:
-    """The session's SMART server, reset before and after each test."""
+def smart(smart_server: SmartServer, live_server: LiveServer) -> Iterator[SmartServer]:
+    """The session's SMART server, reset around each test; no code or token it issued reached the log."""
     smart_server.reset()
     yield smart_server
+    issued = {f"access token {n}": t.access_token for n, t in enumerate(smart_server.issued_tokens)}
+    issued |= {f"authorization code {n}": code for n, code in enumerate(smart_server.codes)}
+    assert live_server.log_path is not None
+    assert not leaks_in_log(live_server.log_path, issued)
     smart_server.reset()
 
 
@@ -284,3 +289,20 @@ def test_a_signed_link_is_view_only_outside_development_mode(
             httpx.get(f"{live_server.url}/drafts/{draft_id}/review", params={"access": wrong}).status_code
             == 401
         )
+
+
+def test_a_standalone_launch_opens_the_worklist_of_the_chosen_patient(
+    live_server: LiveServer, smart: SmartServer, fhir_server: FhirServer, database_url: str, practitioner: str
+) -> None:
+    patient = fhir_server.patients["Erdman"]
+    draft_id = make_draft(database_url, patient, smart.iss)
+    smart.set_user(practitioner, patient)
+    launched = httpx.get(f"{live_server.url}/review/launch?{urlencode({'iss': smart.iss})}")
+    assert launched.status_code == 302
+    assert (
+        "launch%2Fpatient" in launched.headers["location"] or "launch/patient" in launched.headers["location"]
+    )
+    callback = httpx.get(launched.headers["location"]).headers["location"]
+    browser = httpx.Client(base_url=live_server.url, follow_redirects=True)
+    worklist = browser.get(callback)
+    assert worklist.status_code == 200 and f"/review/drafts/{draft_id}" in worklist.text
