@@ -8,6 +8,7 @@ without I/O, and served from that cache afterwards.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Blueprint
@@ -327,6 +328,7 @@ def build_document(app: Flask) -> dict[str, Any]:
     }
     paths.update(draft_paths(refs, jwt))
     paths.update(notification_paths())
+    paths.update(review_paths())
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -441,6 +443,103 @@ def draft_paths(refs: dict[str, dict[str, Any]], jwt: list[dict[str, list[str]]]
                 },
             }
         },
+    }
+
+
+def review_paths() -> dict[str, Any]:
+    """Return the review app's pages (SMART on FHIR): every answer, a refusal included, is an HTML page."""
+
+    def page(description: str) -> dict[str, Any]:
+        return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+
+    refusals = {
+        str(status): page(why)
+        for status, why in (
+            (400, "Refused: the launch or the sign-in answer is incomplete, used or forged."),
+            (401, "Refused: no live review session (open the draft from the EHR)."),
+            (403, "Refused: untrusted EHR, another patient's draft, not a clinician, or a CSRF failure."),
+            (404, "No such draft."),
+            (409, "The draft's state forbids it (e.g. signing a rejected draft)."),
+        )
+    }
+    draft_id = {"name": "draft_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    form = {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"csrf": {"type": "string"}, "text": {"type": "string"}},
+                }
+            }
+        },
+    }
+
+    def post(operation: str, summary: str, fields: dict[str, Any]) -> dict[str, Any]:
+        body = json.loads(json.dumps(form))
+        body["content"]["application/x-www-form-urlencoded"]["schema"]["properties"] = fields
+        return {
+            "post": {
+                "operationId": operation,
+                "summary": summary,
+                "parameters": [draft_id],
+                "requestBody": body,
+                "responses": {"200": page("The draft after the decision."), **refusals},
+            }
+        }
+
+    csrf = {"type": "string", "description": "The session's CSRF token, from the page's form."}
+    return {
+        "/review/launch": {
+            "get": {
+                "operationId": "reviewLaunch",
+                "summary": "SMART launch: EHR launch (iss and launch) or standalone (iss only); draft names one.",
+                "parameters": [
+                    {"name": name, "in": "query", "required": name == "iss", "schema": {"type": "string"}}
+                    for name in ("iss", "launch", "draft")
+                ],
+                "responses": {"302": {"description": "To the EHR's authorization endpoint."}, **refusals},
+            }
+        },
+        "/review/callback": {
+            "get": {
+                "operationId": "reviewCallback",
+                "summary": "The authorization answer: state and code checked, id_token verified, session opened.",
+                "parameters": [
+                    {"name": name, "in": "query", "schema": {"type": "string"}}
+                    for name in ("code", "state", "error")
+                ],
+                "responses": {"303": {"description": "To the draft or the worklist."}, **refusals},
+            }
+        },
+        "/review/": {
+            "get": {
+                "operationId": "reviewWorklist",
+                "summary": "The drafts awaiting review for the launch's patient.",
+                "responses": {"200": page("The worklist."), **refusals},
+            }
+        },
+        "/review/drafts/{draft_id}": {
+            "get": {
+                "operationId": "reviewDraft",
+                "summary": "One draft: image, AI text, patient banner; edit, sign or reject for a clinician.",
+                "parameters": [draft_id],
+                "responses": {"200": page("The draft."), **refusals},
+            }
+        },
+        "/review/drafts/{draft_id}/sign": post(
+            "reviewSign",
+            "Sign as the launch's clinician; written to the EHR with their token.",
+            {"csrf": csrf, "text": {"type": "string", "maxLength": 20000}},
+        ),
+        "/review/drafts/{draft_id}/reject": post(
+            "reviewReject",
+            "Reject with a reason; nothing is written.",
+            {"csrf": csrf, "reason": {"type": "string", "maxLength": 2000}},
+        ),
+        "/review/drafts/{draft_id}/write-back": post(
+            "reviewWriteBack", "Write a signed report the EHR refused, again.", {"csrf": csrf}
+        ),
     }
 
 

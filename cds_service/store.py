@@ -9,6 +9,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
@@ -42,6 +43,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 #: The audit writer flushes when this many rows wait, or AUDIT_FLUSH_S after the first one came.
 AUDIT_BATCH_ROWS = 200
 AUDIT_FLUSH_S = 0.25
+#: The writer thread ends after this long with nothing to write, and starts again on the next row.
+AUDIT_IDLE_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +190,8 @@ class AuditWriter:
     A hook hands its row over and answers; the thread inserts what has gathered every AUDIT_FLUSH_S or at
     AUDIT_BATCH_ROWS rows, so audit writes neither add latency nor serialise requests on the database
     (SQLite takes one writer at a time). Rows still queued at exit are flushed; a database outage is logged
-    and the batch is dropped, never turned into a failed hook.
+    and the batch is dropped, never turned into a failed hook. An idle thread ends, so a writer (and its
+    store's connection pool) doesn't outlive the app that made it.
     """
 
     def __init__(self, store: Store, patient_hash_key: bytes) -> None:
@@ -196,6 +200,7 @@ class AuditWriter:
         self._rows: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._flush_at_exit = False
 
     def record(
         self,
@@ -224,6 +229,17 @@ class AuditWriter:
         if self._thread is None:
             self._start()
 
+    def _start(self) -> None:
+        # Started on first use, in the process that serves (gunicorn forks workers after loading nothing).
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
+                if not self._flush_at_exit:
+                    # A weak reference: the exit hook must not keep the writer and its store alive.
+                    atexit.register(_flush_at_exit, weakref.ref(self))
+                    self._flush_at_exit = True
+
     def flush(self) -> int:
         """Write every queued row now; return how many were written."""
         rows: list[dict[str, Any]] = []
@@ -235,17 +251,17 @@ class AuditWriter:
         self._write(rows)
         return len(rows)
 
-    def _start(self) -> None:
-        # Started on first use, in the process that serves (gunicorn forks workers after loading nothing).
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-                self._thread.start()
-                atexit.register(self.flush)
-
     def _run(self) -> None:
         while True:
-            rows = [self._rows.get()]
+            try:
+                rows = [self._rows.get(timeout=AUDIT_IDLE_S)]
+            except queue.Empty:
+                with self._lock:
+                    # Rows put before this check are seen here; any put after it starts a new thread.
+                    if self._rows.empty():
+                        self._thread = None
+                        return
+                continue
             deadline = time.monotonic() + AUDIT_FLUSH_S
             while len(rows) < AUDIT_BATCH_ROWS:
                 left = deadline - time.monotonic()
@@ -264,6 +280,12 @@ class AuditWriter:
             self.store.add_hook_audits(rows)
         except Exception as exc:  # noqa: BLE001 - the audit must not break the clinician's workflow
             log.error("could not write %d hook audit records: %s", len(rows), type(exc).__name__)
+
+
+def _flush_at_exit(writer: weakref.ref[AuditWriter]) -> None:
+    alive = writer()
+    if alive is not None:
+        alive.flush()
 
 
 class Draft(Base):

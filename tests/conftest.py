@@ -147,9 +147,13 @@ def settings(database_url: str, redis_url: str, issuer: Issuer, tiny_model_dir: 
 
 
 @pytest.fixture
-def app(settings: Settings) -> Flask:
-    """A fresh app over the shared servers."""
-    return create_app(settings)
+def app(settings: Settings) -> Iterator[Flask]:
+    """A fresh app over the shared servers; its audit rows written and its connections closed after."""
+    app = create_app(settings)
+    yield app
+    services = app.extensions["cds"]
+    services.audit.flush()
+    services.store.engine.dispose()
 
 
 @pytest.fixture

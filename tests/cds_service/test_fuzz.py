@@ -60,6 +60,14 @@ OPERATIONS = [
     ("/drafts/{draft_id}/review", "GET", list(GenerationMode)),
     ("/drafts/{draft_id}/sign", "POST", list(GenerationMode)),
     ("/drafts/{draft_id}/reject", "POST", list(GenerationMode)),
+    ("/review/launch", "GET", list(GenerationMode)),
+    ("/review/callback", "GET", list(GenerationMode)),
+    ("/review/", "GET", [GenerationMode.POSITIVE]),
+    # Only a string path parameter: there is no invalid input to generate for these two.
+    ("/review/drafts/{draft_id}", "GET", [GenerationMode.POSITIVE]),
+    ("/review/drafts/{draft_id}/sign", "POST", list(GenerationMode)),
+    ("/review/drafts/{draft_id}/reject", "POST", list(GenerationMode)),
+    ("/review/drafts/{draft_id}/write-back", "POST", [GenerationMode.POSITIVE]),
 ]
 SERVICES = [
     "/cds-services/patient-summary",
