@@ -65,6 +65,16 @@ class FhirServer:
         response.raise_for_status()
         return dict(response.json())
 
+    def post(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """Create a resource on the server; return it as stored (with its id)."""
+        response = httpx.post(
+            f"{self.base_url}/{resource['resourceType']}",
+            json=resource,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/fhir+json"},
+        )
+        response.raise_for_status()
+        return dict(response.json())
+
     def search(self, query: str) -> list[dict[str, Any]]:
         """Return the resources a search answers with."""
         return [entry["resource"] for entry in self.get(query).get("entry", [])]

@@ -35,16 +35,6 @@ DRAFT_SYSTEM = "urn:medgemma-cds:draft-report"
 CHROMIUM = "/usr/bin/chromium"
 
 
-def fhir_post(fhir: FhirServer, resource: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(
-        f"{fhir.base_url}/{resource['resourceType']}",
-        json=resource,
-        headers={"Authorization": f"Bearer {fhir.token}", "Content-Type": "application/fhir+json"},
-    )
-    response.raise_for_status()
-    return dict(response.json())
-
-
 def fire(
     server: LiveServer,
     issuer: Issuer,
@@ -109,12 +99,10 @@ def chest_xray_patient(fhir_server: FhirServer) -> str:
     patient_id = fhir_server.patients["Erdman"]
     study = search(fhir_server, f"ImagingStudy?patient={patient_id}")[0]
     png = (SAMPLE / "cxr-00000001_000.png").read_bytes()
-    binary = fhir_post(
-        fhir_server,
+    binary = fhir_server.post(
         {"resourceType": "Binary", "contentType": "image/png", "data": base64.b64encode(png).decode()},
     )
-    fhir_post(
-        fhir_server,
+    fhir_server.post(
         media_with_image(
             patient_id,
             partOf=[{"reference": f"ImagingStudy/{study['id']}"}],
@@ -145,8 +133,8 @@ def test_draft_signed_in_browser_after_an_ehr_launch_names_the_launched_clinicia
     chest_xray_patient: str,
 ) -> None:
     smart_server.reset()
-    clinician = fhir_post(
-        fhir_server, {"resourceType": "Practitioner", "name": [{"given": ["Grace"], "family": "Signer"}]}
+    clinician = fhir_server.post(
+        {"resourceType": "Practitioner", "name": [{"given": ["Grace"], "family": "Signer"}]}
     )
     practitioner = f"Practitioner/{clinician['id']}"
     # The EHR calls the hook with its own FHIR base (the SMART server's) and a token it issued.
@@ -259,8 +247,7 @@ def test_rejected_dicom_draft_writes_nothing(
 ) -> None:
     patient_id = fhir_server.patients["Trantow"]
     dicom = (SAMPLE / "fake-monochrome-cxr.dcm").read_bytes()
-    fhir_post(
-        fhir_server,
+    fhir_server.post(
         media_with_image(
             patient_id,
             createdDateTime="2020-01-01T00:00:00+00:00",
@@ -299,17 +286,14 @@ def test_draft_for_deleted_patient_fails_cleanly(
     fhir_server: FhirServer,
     tmp_path: Path,
 ) -> None:
-    patient = fhir_post(
-        fhir_server, {"resourceType": "Patient", "gender": "female", "birthDate": "1970-01-01"}
-    )
+    patient = fhir_server.post({"resourceType": "Patient", "gender": "female", "birthDate": "1970-01-01"})
     png = (SAMPLE / "cxr-00000001_000.png").read_bytes()[:-1] + b"\x00"  # other bytes, same picture header
     from PIL import Image
 
     flipped = tmp_path / "flipped.png"
     Image.open(SAMPLE / "cxr-00000001_000.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
     del png
-    fhir_post(
-        fhir_server,
+    fhir_server.post(
         media_with_image(
             patient["id"],
             content={"contentType": "image/png", "data": base64.b64encode(flipped.read_bytes()).decode()},

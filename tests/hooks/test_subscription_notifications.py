@@ -47,16 +47,6 @@ SECRET = "subscription-secret-for-tests-7d1c"
 DRAFT = "/cds-services/imaging-report-draft"
 
 
-def fhir_post(fhir: FhirServer, resource: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(
-        f"{fhir.base_url}/{resource['resourceType']}",
-        json=resource,
-        headers={"Authorization": f"Bearer {fhir.token}", "Content-Type": "application/fhir+json"},
-    )
-    response.raise_for_status()
-    return dict(response.json())
-
-
 def new_xray() -> bytes:
     """A chest X-ray no earlier test sent: the sample with one pixel changed (a new image, a new job)."""
     image = Image.open(SAMPLE / "cxr-00000001_000.png")
@@ -153,10 +143,9 @@ def test_a_new_xray_is_drafted_before_the_chart_opens(
 ) -> None:
     client = redis.Redis.from_url(notified_server.env["MEDGEMMA_CDS_REDIS_URL"])
     before = {m.decode() for m in client.smembers(PRECOMPUTE_JOBS_KEY)}
-    patient = fhir_post(fhir_server, {"resourceType": "Patient", "gender": "male", "birthDate": "1961-02-03"})
+    patient = fhir_server.post({"resourceType": "Patient", "gender": "male", "birthDate": "1961-02-03"})
     subject = {"reference": f"Patient/{patient['id']}"}
-    study = fhir_post(
-        fhir_server,
+    study = fhir_server.post(
         {
             "resourceType": "ImagingStudy",
             "status": "available",
@@ -165,13 +154,11 @@ def test_a_new_xray_is_drafted_before_the_chart_opens(
             "series": [{"uid": "1.2.3", "modality": {"code": "DX", "display": "Digital Radiography"}}],
         },
     )
-    binary = fhir_post(
-        fhir_server,
+    binary = fhir_server.post(
         {"resourceType": "Binary", "contentType": "image/png", "data": base64.b64encode(new_xray()).decode()},
     )
     # The radiographer's system stores the image: the server notifies us, nobody opens a chart.
-    fhir_post(
-        fhir_server,
+    fhir_server.post(
         {
             "resourceType": "Media",
             "status": "completed",
@@ -292,7 +279,7 @@ def test_what_is_not_a_new_image_is_acknowledged_and_ignored(
 ) -> None:
     before = redis_client.scard(PRECOMPUTE_JOBS_KEY)
     # A patient of this test's own: other tests attach images to the sample patients.
-    patient_id = fhir_post(fhir_server, {"resourceType": "Patient", "gender": "female"})["id"]
+    patient_id = fhir_server.post({"resourceType": "Patient", "gender": "female"})["id"]
     auth = {"Authorization": f"Bearer {SECRET}"}
     assert "not an imaging resource" in diagnostics(
         put(receiver, {"resourceType": "Patient", "id": patient_id})
