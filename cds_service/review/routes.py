@@ -220,6 +220,16 @@ def _signer(session: ReviewSession) -> str:
     return session.fhir_user
 
 
+def _decision_form(draft_id: str) -> tuple[ReviewSession, str]:
+    """Return the session and signer once a decision form passes every check: a live session, its CSRF
+    token, a clinician, and a draft of the session's patient."""
+    session = _session()
+    _checked_form(session)
+    signer = _signer(session)
+    _draft_of(session, draft_id)
+    return session, signer
+
+
 @bp.get("/")
 def worklist() -> str:
     """The drafts awaiting review for the launch's patient."""
@@ -249,10 +259,7 @@ def draft_image(draft_id: str) -> Response:
 @bp.post("/drafts/<draft_id>/sign")
 def sign(draft_id: str) -> str:
     """Sign as the launch's clinician; the report goes to the EHR with the clinician's own token."""
-    session = _session()
-    _checked_form(session)
-    signer = _signer(session)
-    _draft_of(session, draft_id)
+    session, signer = _decision_form(draft_id)
     text = request.form.get("text", "").strip()
     if not text or len(text) > MAX_TEXT:
         raise ReviewRefused(400, f"The report text must be 1 to {MAX_TEXT} characters.")
@@ -268,10 +275,7 @@ def sign(draft_id: str) -> str:
 @bp.post("/drafts/<draft_id>/reject")
 def reject(draft_id: str) -> str:
     """Reject with a reason; nothing is written to the record."""
-    session = _session()
-    _checked_form(session)
-    signer = _signer(session)
-    _draft_of(session, draft_id)
+    session, signer = _decision_form(draft_id)
     reason = request.form.get("reason", "").strip()
     if not reason or len(reason) > 2000:
         raise ReviewRefused(400, "Say why the draft is rejected (up to 2000 characters).")
@@ -285,10 +289,7 @@ def reject(draft_id: str) -> str:
 @bp.post("/drafts/<draft_id>/write-back")
 def retry_write_back(draft_id: str) -> str:
     """Try again to write a signed report the EHR refused or could not take."""
-    session = _session()
-    _checked_form(session)
-    _signer(session)
-    _draft_of(session, draft_id)
+    session, _ = _decision_form(draft_id)
     target = WriteTarget(session.iss, session.access_token) if session.may_write() else None
     try:
         draft = _deps().drafts.retry_write_back(draft_id, target)
