@@ -847,7 +847,12 @@ def main() -> None:
     parser.add_argument("--burst-connections", type=int, default=64, help="scenario g")
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=10.0, help="wrk's per-request timeout, seconds")
-    parser.add_argument("--workers", type=int, default=2, help="server worker processes (every target)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(2, 2 * (os.cpu_count() or 1)),
+        help="server worker processes, every target (default: two per core, as medgemma-cds serve)",
+    )
     parser.add_argument("--worker-class", choices=["gevent", "gthread"], default="gevent")
     parser.add_argument("--threads", type=int, default=8, help="threads per gthread worker")
     parser.add_argument("--fill-rounds", type=int, default=10)

@@ -493,7 +493,7 @@ def review_paths() -> dict[str, Any]:
         "/review/launch": {
             "get": {
                 "operationId": "reviewLaunch",
-                "summary": "SMART launch: EHR launch (iss and launch) or standalone (iss only); draft names one.",
+                "summary": "SMART launch: EHR launch (iss and launch) or standalone (iss only) of a draft.",
                 "parameters": [
                     {"name": name, "in": "query", "required": name == "iss", "schema": {"type": "string"}}
                     for name in ("iss", "launch", "draft")
@@ -504,7 +504,7 @@ def review_paths() -> dict[str, Any]:
         "/review/callback": {
             "get": {
                 "operationId": "reviewCallback",
-                "summary": "The authorization answer: state and code checked, id_token verified, session opened.",
+                "summary": "The authorization answer: state, code and id_token checked; a session opened.",
                 "parameters": [
                     {"name": name, "in": "query", "schema": {"type": "string"}}
                     for name in ("code", "state", "error")
