@@ -118,7 +118,9 @@ def deviated(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any], list[dict
         elif operation == "unwrap" and isinstance(parent[key], list) and parent[key]:
             parent[key] = parent[key][0]
         elif operation == "noise" and isinstance(parent[key], dict):
-            parent[key][draw(st.sampled_from(["vendorField", "_text", "modifierExtension"]))] = draw(NOISE)
+            parent[key][draw(st.sampled_from(["vendorField", "_text", "modifierExtension"]))] = copy.deepcopy(
+                draw(NOISE)
+            )  # sampled values are shared objects: never mutate them
         elif operation == "extension" and isinstance(parent[key], dict):
             parent[key]["extension"] = [{"url": "http://ehr.example/ext", "valueCode": "x"}]
     return order, allergy, extra
