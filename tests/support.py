@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +214,43 @@ class ModelWorker:
 
     processes: list[subprocess.Popen[bytes]]
     log_dir: Path
+
+
+def record_draft(
+    drafts: Any, patient_id: str, fhir_server: str | None, *, image_hash: str, study: str | None = None
+) -> Any:
+    """Store an AI report draft as the imaging hook does once its job is done; return the draft.
+
+    ``drafts`` is a ``cds_service.drafts.DraftService``; the same image hash, study, patient and server give
+    the same draft.
+    """
+    from cds_service.wire import JobRecord
+    from fhir_mappings.model_outputs import ImagingReadOutput
+
+    job = JobRecord(
+        id=f"job-{image_hash}",
+        service_id="imaging-report-draft",
+        task="imaging-read",
+        state="done",
+        created_at=datetime.now(UTC),
+        model="google/medgemma-4b-it",
+        model_version="rev-test",
+    )
+    output = ImagingReadOutput(
+        findings="Clear lungs.", impression="No acute disease.", urgency="routine", evidence_ids=[]
+    )
+    image_ref = f"Media/{image_hash[:8]}"
+    return drafts.record(
+        job=job,
+        output=output,
+        image_hash=image_hash,
+        image_png=b"\x89PNG",
+        study=study,
+        image_ref=image_ref,
+        patient_id=patient_id,
+        fhir_server=fhir_server,
+        encounter_id=None,
+        requested_by="Practitioner/requester",
+        evidence=[image_ref],
+        input_hashes=[image_hash],
+    )

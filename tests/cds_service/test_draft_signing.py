@@ -11,14 +11,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
-from datetime import UTC
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+from support import record_draft
 
 from cds_service.drafts import DraftService
 from cds_service.drafts import WriteTarget
@@ -26,8 +25,6 @@ from cds_service.errors import Conflict
 from cds_service.settings import Settings
 from cds_service.store import Draft
 from cds_service.store import Store
-from cds_service.wire import JobRecord
-from fhir_mappings.model_outputs import ImagingReadOutput
 
 
 @dataclass
@@ -88,32 +85,7 @@ def drafts(tmp_path: Path) -> DraftService:
 
 
 def new_draft(drafts: DraftService, fhir_server: str | None = None) -> Draft:
-    job = JobRecord(
-        id="job1",
-        service_id="imaging-report-draft",
-        task="imaging-read",
-        state="done",
-        created_at=datetime.now(UTC),
-        model="google/medgemma-4b-it",
-        model_version="rev1",
-    )
-    output = ImagingReadOutput(
-        findings="Clear lungs.", impression="Normal chest.", urgency="routine", evidence_ids=[]
-    )
-    return drafts.record(
-        job=job,
-        output=output,
-        image_hash="img1",
-        image_png=b"png",
-        study="ImagingStudy/s1",
-        image_ref="Media/m1",
-        patient_id="p1",
-        fhir_server=fhir_server,
-        encounter_id=None,
-        requested_by="Practitioner/u1",
-        evidence=["Media/m1"],
-        input_hashes=["img1"],
-    )
+    return record_draft(drafts, "p1", fhir_server, image_hash="img1", study="ImagingStudy/s1")
 
 
 def test_two_concurrent_first_signs_sign_once_and_write_once(

@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
-from datetime import UTC
-from datetime import datetime
 from urllib.parse import parse_qs
 from urllib.parse import urlencode
 from urllib.parse import urlsplit
@@ -24,13 +22,12 @@ from support import SECRET_KEY
 from support import FhirServer
 from support import LiveServer
 from support import leaks_in_log
+from support import record_draft
 
 from cds_service.drafts import DraftService
 from cds_service.settings import Settings
 from cds_service.signed_links import sign_link
 from cds_service.store import Store
-from cds_service.wire import JobRecord
-from fhir_mappings.model_outputs import ImagingReadOutput
 from fhir_mappings.reports import DRAFT_IDENTIFIER_SYSTEM
 
 
@@ -49,48 +46,14 @@ def smart(smart_server: SmartServer, live_server: LiveServer) -> Iterator[SmartS
 @pytest.fixture(scope="module")
 def practitioner(fhir_server: FhirServer) -> str:
     """A Practitioner on the FHIR server, with the name the review app must show and sign with."""
-    answer = httpx.post(
-        f"{fhir_server.base_url}/Practitioner",
-        json={
-            "resourceType": "Practitioner",
-            "name": [{"prefix": ["Dr"], "given": ["Ada"], "family": "Radiolog"}],
-        },
-        headers={"Authorization": f"Bearer {fhir_server.token}", "Content-Type": "application/fhir+json"},
-    )
-    assert answer.status_code == 201, answer.text
-    return f"Practitioner/{answer.json()['id']}"
+    name = [{"prefix": ["Dr"], "given": ["Ada"], "family": "Radiolog"}]
+    return f"Practitioner/{fhir_server.post({'resourceType': 'Practitioner', 'name': name})['id']}"
 
 
 def make_draft(database_url: str, patient_id: str, fhir_server: str) -> str:
     """Store a draft for ``patient_id`` on ``fhir_server`` as the imaging hook would; return its id."""
     drafts = DraftService(Store(database_url), Settings(secret_key=SECRET_KEY), httpx.Client())
-    job = JobRecord(
-        id=uuid.uuid4().hex,
-        service_id="imaging-report-draft",
-        task="imaging-read",
-        state="done",
-        created_at=datetime.now(UTC),
-        model="google/medgemma-4b-it",
-        model_version="rev-test",
-    )
-    output = ImagingReadOutput(
-        findings="Clear lungs.", impression="No acute disease.", urgency="routine", evidence_ids=[]
-    )
-    draft = drafts.record(
-        job=job,
-        output=output,
-        image_hash=uuid.uuid4().hex,
-        image_png=b"\x89PNG",
-        study=None,
-        image_ref=f"Media/{uuid.uuid4().hex[:8]}",
-        patient_id=patient_id,
-        fhir_server=fhir_server,
-        encounter_id=None,
-        requested_by="Practitioner/requester",
-        evidence=[],
-        input_hashes=[],
-    )
-    return draft.id
+    return str(record_draft(drafts, patient_id, fhir_server, image_hash=uuid.uuid4().hex).id)
 
 
 def ehr_launch(live: LiveServer, smart: SmartServer, draft_id: str | None, launch: str) -> httpx.Response:

@@ -15,7 +15,6 @@ import random
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,10 @@ from support import FhirServer
 from support import Issuer
 from support import LiveServer
 from support import ModelWorker
-from support import fhir_access
 from support import free_port
 from support import leaks_in_log
 from support import wait_for_http
+from test_imaging_report_draft import fire
 
 from cds_service.app import create_app
 from cds_service.jobs import PRECOMPUTE_JOBS_KEY
@@ -176,7 +175,7 @@ def test_a_new_xray_is_drafted_before_the_chart_opens(
 
     # The first chart open: the draft card comes with the first answer, no "running" card.
     zero_wait = {k.decode(): int(v) for k, v in client.hgetall(ZERO_WAIT_KEY).items()}
-    cards = open_chart(notified_server, issuer, fhir_server, patient["id"])
+    cards = fire(notified_server, issuer, fhir_server, patient["id"])
     summaries = [card["summary"] for card in cards]
     assert not [s for s in summaries if "AI analysis is running" in s], summaries
     (draft,) = [card for card in cards if card["summary"].startswith("AI draft imaging")]
@@ -209,21 +208,6 @@ def wait_for_state(client: redis.Redis, job_id: str, states: set[bytes], timeout
             return state
         time.sleep(0.1)
     raise AssertionError(f"job stayed {state}")
-
-
-def open_chart(server: LiveServer, issuer: Issuer, fhir: FhirServer, patient_id: str) -> list[dict[str, Any]]:
-    body = {
-        "hook": "patient-view",
-        "hookInstance": str(uuid.uuid4()),
-        **fhir_access(fhir.base_url, fhir.token),
-        "context": {"userId": "Practitioner/COREPRACTITIONER1", "patientId": patient_id},
-    }
-    token = issuer.token(server.url + DRAFT)
-    response = httpx.post(
-        server.url + DRAFT, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
-    assert response.status_code == 200, response.text
-    return list(response.json()["cards"])
 
 
 # --- The receiver's answers, over the test client -----------------------------------------------------
