@@ -28,11 +28,16 @@ class Settings(BaseSettings):
     until a worker needs one.
     """
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    # Each field's docstring is its description: docs/configuration.md is generated from them.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", use_attribute_docstrings=True
+    )
 
     # Where things run
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis for the job queue, job records, replay keys and review sessions (nothing durable)."""
     database_url: str = "sqlite:///medgemma-cds.db"
+    """SQLAlchemy URL of the durable store (feedback, audit, drafts): SQLite, or postgresql+psycopg://…"""
     public_url: str = Field(
         default="http://127.0.0.1:8080",
         description="Base URL EHRs call; JWT `aud` is checked against {public_url}/cds-services/{id}.",
@@ -40,21 +45,33 @@ class Settings(BaseSettings):
 
     # Models (Hugging Face id or a local folder)
     text_model: str = "google/medgemma-27b-text-it"
+    """Text model the text workers load: a Hugging Face id or a local folder."""
     text_model_revision: str | None = None
+    """Hub revision (commit or tag) of the text model; unset: the default branch."""
     image_model: str = "google/medgemma-4b-it"
+    """Image-text model the image workers load: a Hugging Face id or a local folder."""
     image_model_revision: str | None = None
+    """Hub revision (commit or tag) of the image model; unset: the default branch."""
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     # Covers the worst case of every output schema (order review: ~1,300 tokens; see model_outputs.py).
     max_new_tokens: int = Field(default=1536, ge=16, le=8192)
+    """Most tokens a model job may generate."""
     max_batch_size: int = Field(default=8, ge=1, le=64)
+    """Most concurrent requests a worker process batches into one generate call."""
     batch_wait_ms: int = Field(default=10, ge=0, le=1000)
+    """How long a worker waits for more requests to join a batch."""
     hf_token: SecretStr | None = None
+    """Hugging Face token for the gated MedGemma weights (workers only)."""
 
     # Hook behaviour
     hook_budget_ms: int = Field(default=1500, ge=0, le=60_000)
+    """Longest a hook waits for its model job before answering what is ready."""
     result_ttl_s: int = Field(default=24 * 3600, ge=60)
+    """How long a finished model result stays in Redis for later hooks."""
     fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    """Timeout of one read from a request's fhirServer (504 past it)."""
     fhir_connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """Timeout of connecting to a request's fhirServer."""
     prefetch_cache_entries: int = Field(
         default=128, ge=0, description="Parsed prefetch values kept per process (0: parse every call)."
     )
@@ -68,6 +85,7 @@ class Settings(BaseSettings):
         ),
     )
     auth_disabled: bool = False
+    """Accept hooks without a JWT (implies development mode; warned at every start). Never in production."""
     trusted_issuers: Path | None = Field(
         default=None, description="JSON or YAML file: {'issuers': {iss: {jwks_file | jwks_uri, ...}}}"
     )
@@ -79,16 +97,19 @@ class Settings(BaseSettings):
         ),
     )
     fhir_allow_http_loopback: bool = False
+    """Allow plain-HTTP fhirServer URLs on loopback addresses (local development)."""
     fhir_writeback_url: str | None = Field(
         default=None,
         description="FHIR base that signed reports are written to; unset: kept in the store only.",
     )
     fhir_writeback_token: SecretStr | None = None
+    """Bearer token for FHIR_WRITEBACK_URL, if it needs one."""
     secret_key: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
         description="Signs review-page links; set it in production (a random default dies with the process).",
     )
     review_link_ttl_s: int = Field(default=12 * 3600, ge=60)
+    """Lifetime of the signed links on cards (job status, development review link)."""
 
     # The review app as a SMART on FHIR app (SMART App Launch 2.0)
     smart_client_id: str = Field(
@@ -120,15 +141,23 @@ class Settings(BaseSettings):
 
     # Limits
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    """Largest request body accepted (413 past it)."""
     max_json_depth: int = Field(default=64, ge=8)
+    """Deepest JSON nesting accepted in a request body."""
     max_prefetch_keys: int = Field(default=32, ge=1)
+    """Most prefetch keys accepted in one hook call."""
     max_draft_orders: int = Field(default=100, ge=1)
+    """Most draft orders read from one order-select or order-sign call."""
     max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest image (PNG, JPEG, DICOM) read for a model job."""
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
+    """Most pixels an image may decode to (guards against decompression bombs)."""
 
     # Worker
     task_soft_time_limit_s: int = Field(default=300, ge=5)
+    """Seconds after which a model job is asked to stop and marked failed."""
     task_time_limit_s: int = Field(default=360, ge=10)
+    """Seconds after which a model job's worker process is killed."""
 
     @property
     def development(self) -> bool:
