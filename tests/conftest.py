@@ -7,6 +7,7 @@ Helpers and handles the fixtures return live in ``support.py``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -33,16 +34,23 @@ from support import FhirServer
 from support import Issuer
 from support import LiveServer
 from support import ModelWorker
-from support import claimed_redis_db
+from support import RedisServer
 from support import free_port
 from support import leaks_in_log
 from support import model_env
+from support import redis_server as start_redis_server
 from support import service_env
 from support import wait_for_http
 
 from cds_service.app import create_app
+from cds_service.settings import ENV_PREFIX
 from cds_service.settings import Settings
 from cds_service.store import Store
+
+# The suite configures everything it starts itself: settings from the developer's shell (a production
+# database or Redis among them) must never reach a test's app, CLI run or service process.
+for _name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")
@@ -103,10 +111,16 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis database of this run's own, emptied at the start and released at the end."""
-    with claimed_redis_db() as url:
-        yield url
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """This run's own redis-server (free port, temporary folder, no persistence), stopped at the end."""
+    with start_redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """The run's shared database on its own redis-server: every app and service process the tests start."""
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")

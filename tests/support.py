@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -22,9 +23,7 @@ from joserfc.jwk import ECKey
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "cds_service" / "data" / "sample"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-REDIS_SERVER = os.environ.get("TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
-CLAIM_KEY = "medgemma-cds-test:claimed-by"
-PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FHIR_TOKEN = "fhir-test-token-3f9a"
 PUBLIC_URL = "http://cds.test"
 ISSUER = "https://ehr.test"
@@ -146,35 +145,85 @@ class LiveServer:
     log_path: Path | None = None
 
 
-@contextmanager
-def claimed_redis_db() -> Iterator[str]:
-    """Claim a Redis database for the block (see ``claim_redis_db``), then empty and release it."""
-    import redis
-
-    url = claim_redis_db()
-    try:
-        yield url
-    finally:
-        client = redis.Redis.from_url(url)
-        client.flushdb()
-        client.delete(CLAIM_KEY)
-
-
-def claim_redis_db() -> str:
-    """Return the URL of a Redis database (1-15) no other test run holds, emptied and claimed for this run.
-
-    Jobs, queues and replay keys all live in one database; runs side by side must not see each other's.
+class RedisServer:
+    """A throw-away ``redis-server`` of the test run's own: a free loopback port, a temporary folder, no
+    persistence (no RDB, no AOF). Its databases are handed out one per user (``database``), so no test sees
+    another's keys, and nothing on the machine's own Redis is ever read or written.
     """
-    import redis
 
-    for index in range(1, 16):
-        url = f"{REDIS_SERVER}/{index}"
-        client = redis.Redis.from_url(url)
-        if client.set(CLAIM_KEY, os.getpid(), nx=True, ex=3 * 3600):
-            client.flushdb()
-            client.set(CLAIM_KEY, os.getpid(), ex=3 * 3600)
-            return url
-    raise RuntimeError("every Redis test database (1-15) is claimed by another run")
+    DATABASES = 1024
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._next_database = 1  # database 0 is the run's shared one (``url``)
+
+    @property
+    def url(self) -> str:
+        """The URL of the run's shared database (0)."""
+        return self.url_of(0)
+
+    def url_of(self, index: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{index}"
+
+    def start(self) -> None:
+        """Start the server (again, on the same port, empty: nothing persists across a restart)."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("the tests need redis-server on PATH (Debian: apt install redis-server)")
+        command = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir)]
+        command += ["--save", "", "--appendonly", "no", "--databases", str(self.DATABASES)]
+        self.process = subprocess.Popen(
+            command, stdout=(self.workdir / "redis.log").open("ab"), stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start (see {self.workdir / 'redis.log'})")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s); its data is gone."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        """Stop and start the server: what a Redis restart without persistence does to every key."""
+        self.stop()
+        self.start()
+
+    def new_database(self) -> str:
+        """Return the URL of a database no one else uses (queues and heartbeats are global to a database)."""
+        if self._next_database >= self.DATABASES:
+            raise RuntimeError(f"the test redis-server has only {self.DATABASES} databases")
+        self._next_database += 1
+        return self.url_of(self._next_database - 1)
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    """Run a throw-away ``RedisServer`` for the block; stop it at the end."""
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def service_env(

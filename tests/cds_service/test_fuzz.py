@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -28,7 +27,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from schemathesis.specs.openapi.checks import status_code_conformance
 from support import PUBLIC_URL
 from support import Issuer
-from support import claimed_redis_db
+from support import RedisServer
 
 from cds_service.app import create_app
 from cds_service.settings import Settings
@@ -78,10 +77,9 @@ SERVICES = [
 
 
 @pytest.fixture(scope="module")
-def fuzz_redis_url() -> Iterator[str]:
+def fuzz_redis_url(redis_server: RedisServer) -> str:
     """A Redis database of the fuzzing app's own, so no test worker picks up the model jobs it enqueues."""
-    with claimed_redis_db() as url:
-        yield url
+    return redis_server.new_database()
 
 
 @pytest.fixture

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
-from support import claimed_redis_db
+from support import RedisServer
 
 from cds_service.jobs import HEARTBEAT_PREFIX
 from cds_service.jobs import MODEL_JOBS_KEY
@@ -24,10 +23,9 @@ REQUEST_KEY = b"job-request-test-key-0123456789a"
 
 
 @pytest.fixture
-def client() -> Iterator[redis.Redis]:
+def client(redis_server: RedisServer) -> redis.Redis:
     """A Redis database of this test's own (heartbeats and queue lengths are global to a database)."""
-    with claimed_redis_db() as url:
-        yield redis.Redis.from_url(url)
+    return redis.Redis.from_url(redis_server.new_database())
 
 
 def queue(client: redis.Redis, budget_s: float, sent: list[str]) -> JobQueue:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT
 from support import Issuer
-from support import claimed_redis_db
+from support import RedisServer
 from support import free_port
 
 from cds_service.app import create_app
@@ -33,10 +32,9 @@ HOOK_ROUTE = "/cds-services/<service_id>"
 
 
 @pytest.fixture
-def own_redis_url() -> Iterator[str]:
+def own_redis_url(redis_server: RedisServer) -> str:
     """A Redis database of this test alone, so no model worker of the run drains its queues."""
-    with claimed_redis_db() as url:
-        yield url
+    return redis_server.new_database()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ rate limit, the daily schedule, and a sweep with the test FHIR server (no worker
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC
 from datetime import date
 from datetime import datetime
@@ -15,7 +14,7 @@ from datetime import timezone
 import pytest
 import redis
 from support import FhirServer
-from support import claimed_redis_db
+from support import RedisServer
 from support import free_port
 
 from cds_service.fhir_client import FhirReadError
@@ -41,10 +40,9 @@ REQUEST_KEY = b"job-request-test-key-0123456789a"
 
 
 @pytest.fixture
-def client() -> Iterator[redis.Redis]:
+def client(redis_server: RedisServer) -> redis.Redis:
     """A Redis database of this test's own (queues and counters are global to a database)."""
-    with claimed_redis_db() as url:
-        yield redis.Redis.from_url(url)
+    return redis.Redis.from_url(redis_server.new_database())
 
 
 def queue(client: redis.Redis, sent: list[tuple[str, str]], label: str, **options: object) -> JobQueue:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from support import SAMPLE
 from support import Issuer
-from support import claimed_redis_db
+from support import RedisServer
 from support import free_port
 from support import leaks_in_log
 from support import service_env
@@ -33,29 +33,31 @@ SUMMARY = "/cds-services/patient-summary"
 
 
 @pytest.fixture(scope="module")
-def served(issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+def served(
+    issuer: Issuer, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path, Path]]:
     """Serve with the embedded defaults but auth on; yield the URL, the SQLite file and the log."""
     workdir = tmp_path_factory.mktemp("served")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     database = workdir / "cds.db"
     log_path = workdir / "serve.log"
-    with claimed_redis_db() as redis_url:
-        env = service_env(f"sqlite:///{database}", redis_url, issuer, url)
-        env.pop("MEDGEMMA_CDS_HOOK_BUDGET_MS", None)
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port)],
-            env=env,
-            stdout=log_path.open("w"),
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
-        try:
-            wait_for_http(f"{url}/healthz")
-            yield url, database, log_path
-        finally:
-            process.terminate()
-            process.wait(timeout=15)
+    redis_url = redis_server.new_database()
+    env = service_env(f"sqlite:///{database}", redis_url, issuer, url)
+    env.pop("MEDGEMMA_CDS_HOOK_BUDGET_MS", None)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port)],
+        env=env,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
+    try:
+        wait_for_http(f"{url}/healthz")
+        yield url, database, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
 
 
 def new_chart(number: int) -> dict[str, Any]:
