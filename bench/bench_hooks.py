@@ -314,14 +314,21 @@ def chart_template(call: dict[str, Any]) -> str:
     patient_id = call["context"]["patientId"]
     call["hookInstance"] = "__HOOK__"
     quantity = next(
-        e["resource"]["valueQuantity"]
-        for e in call["prefetch"]["observations"]["entry"]
-        if "valueQuantity" in e["resource"]
+        (
+            e["resource"]["valueQuantity"]
+            for e in call["prefetch"]["observations"]["entry"]
+            if "valueQuantity" in e["resource"]
+        ),
+        None,
     )
+    if quantity is None:
+        # A chart without observations varies the first problem's text instead.
+        code = call["prefetch"]["conditions"]["entry"][0]["resource"]["code"]
+        code["text"] = f"{code.get('text', '')} (chart __N__)"
+        return json.dumps(call).replace(patient_id, "__PID__")
     whole = int(quantity["value"])
     quantity["value"] = "__N__"
-    text = json.dumps(call).replace('"__N__"', f"{whole}.__N__").replace(patient_id, "__PID__")
-    return text
+    return json.dumps(call).replace('"__N__"', f"{whole}.__N__").replace(patient_id, "__PID__")
 
 
 def render_chart(template: str, number: int) -> bytes:

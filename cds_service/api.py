@@ -92,7 +92,7 @@ def call_service(service_id: str) -> Response:
     background = definition.precomputes == "background"
     jobs = JobQueue(
         deps.jobs,
-        deps.send_precompute_job if background else deps.send_job,
+        deps.task_messages,
         deps.settings,
         definition.id,
         # A precompute trigger never waits: nobody is looking at the answer's AI card.

@@ -18,11 +18,9 @@ from cds_service.auth import load_trust_config
 from cds_service.drafts import DraftService
 from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import validate_allowlist
-from cds_service.jobs import PRECOMPUTE_QUEUES
-from cds_service.jobs import QUEUES
-from cds_service.jobs import TASK_NAME
 from cds_service.jobs import Capacity
 from cds_service.jobs import JobStore
+from cds_service.jobs import TaskMessages
 from cds_service.jobs import job_request_key
 from cds_service.logging import configure_logging
 from cds_service.metrics import init_metrics
@@ -74,8 +72,7 @@ class Services:
     capacity: Capacity
     audit: AuditWriter
     drafts: DraftService
-    send_job: Callable[[str, str], None]
-    send_precompute_job: Callable[[str, str], None]
+    task_messages: TaskMessages
     today: Callable[[], date] = date.today
 
 
@@ -109,19 +106,11 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    celery = make_celery(settings)
     store = Store(settings.database_url)
     http = httpx.Client(
         timeout=httpx.Timeout(settings.fhir_timeout_s, connect=settings.fhir_connect_timeout_s),
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
     )
-
-    def send_job(job_id: str, role: str) -> None:
-        # The task id is the job id, so Celery's own bookkeeping lines up with the job record.
-        celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUES[role])
-
-    def send_precompute_job(job_id: str, role: str) -> None:
-        celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=PRECOMPUTE_QUEUES[role])
 
     # The drug vocabulary loads once per process here, not on the first clinician's order.
     preload_drug_vocabulary()
@@ -138,8 +127,7 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
         capacity=Capacity(redis_client),
         audit=AuditWriter(store, purpose_key(settings, "audit-patient-hash")),
         drafts=DraftService(store, settings, http),
-        send_job=send_job,
-        send_precompute_job=send_precompute_job,
+        task_messages=TaskMessages(make_celery(settings)),
         today=today or date.today,
     )
 

@@ -13,14 +13,20 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from typing import Any
+from typing import Literal
 
+import orjson
 import redis
+from celery import Celery
 from cryptography.fernet import Fernet
 from cryptography.fernet import InvalidToken
+from kombu.entity import PERSISTENT_DELIVERY_MODE
 
 from cds_service.settings import Settings
 from cds_service.settings import purpose_key
@@ -94,6 +100,95 @@ class JobRequestUnreadable(Exception):
     """A stored job request does not decrypt: it was queued under another ``MEDGEMMA_CDS_SECRET_KEY``."""
 
 
+#: The fields of a job record a reader gets; the request (clinical text, images) is never read back.
+RECORD_FIELDS = (
+    "state",
+    "service_id",
+    "task",
+    "attempts",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "model",
+    "model_version",
+    "result",
+    "error",
+    "generated_tokens",
+    "seconds",
+)
+
+
+def record_from(job_id: str, fields: dict[str, str]) -> JobRecord | None:
+    """Return the record these stored fields describe, or None when there is none (or only half of one)."""
+    if "state" not in fields or "created_at" not in fields:
+        return None
+    return JobRecord(
+        id=job_id,
+        service_id=fields["service_id"],
+        task=fields["task"],
+        state=fields["state"],  # type: ignore[arg-type]
+        attempts=int(fields.get("attempts", 0)),
+        created_at=datetime.fromisoformat(fields["created_at"]),
+        started_at=datetime.fromisoformat(fields["started_at"]) if "started_at" in fields else None,
+        finished_at=datetime.fromisoformat(fields["finished_at"]) if "finished_at" in fields else None,
+        model=fields.get("model"),
+        model_version=fields.get("model_version"),
+        result=json.loads(fields["result"]) if "result" in fields else None,
+        error=fields.get("error"),
+        generated_tokens=int(fields["generated_tokens"]) if "generated_tokens" in fields else None,
+        seconds=float(fields["seconds"]) if "seconds" in fields else None,
+    )
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What asking for a job found: its id, whether this call created it, whether it was the record's first
+    counted chart open, and its record as it stood."""
+
+    job_id: str
+    created: bool
+    first_call: bool
+    record: JobRecord | None
+
+
+class TaskMessages:
+    """The model task's Celery message, built once as ``Celery.send_task`` builds it; a job fills in its id.
+
+    What ``celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=queue)`` would push (kombu's Redis
+    transport keeps a queue as a list of JSON envelopes, the body base64), so the worker consumes it as any
+    Celery task, while the API pushes it in the same Redis call that creates the job's record
+    (``JobStore.submit``) instead of a broker round trip of its own and a result subscription it never reads.
+    """
+
+    def __init__(self, celery: Celery) -> None:
+        placeholder = "job-id"
+        headers, properties, body, _sent = celery.amqp.create_task_message(
+            placeholder, TASK_NAME, [placeholder], {}, reply_to=celery.thread_oid
+        )
+        self._headers = headers
+        self._properties = {**properties, "delivery_mode": PERSISTENT_DELIVERY_MODE, "priority": 0}
+        self._embed = body[2]
+
+    def message(self, job_id: str, queue: str) -> bytes:
+        """Return the message that runs the model task on ``job_id``, for ``queue``."""
+        args = [job_id]
+        return orjson.dumps(
+            {
+                "body": base64.b64encode(orjson.dumps([args, {}, self._embed])).decode(),
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": {**self._headers, "id": job_id, "root_id": job_id, "argsrepr": repr(args)},
+                "properties": {
+                    **self._properties,
+                    "correlation_id": job_id,
+                    "delivery_info": {"exchange": "", "routing_key": queue},
+                    "body_encoding": "base64",
+                    "delivery_tag": str(uuid.uuid4()),
+                },
+            }
+        )
+
+
 class JobStore:
     """Job records in Redis: ``mgcds:job:{id}`` hashes that expire, written by the API and the workers.
 
@@ -101,21 +196,53 @@ class JobStore:
     ``job_request_key``), and deleted when the job finishes; the result stays until the record expires.
     """
 
-    # Create-if-absent in one round trip: the record's fields and expiry are set only by the call that
-    # created it, so a concurrent hook for the same record finds it whole or not at all.
-    _CREATE = """
-    if redis.call('HSETNX', KEYS[1], 'state', 'queued') == 0 then return 0 end
-    redis.call('HSET', KEYS[1], 'service_id', ARGV[1], 'task', ARGV[2], 'created_at', ARGV[3],
-               'attempts', 0, 'request', ARGV[4])
-    redis.call('EXPIRE', KEYS[1], ARGV[5])
-    return 1
+    # A hook's whole job request in one round trip, atomic: create the record unless it exists (its fields
+    # and expiry set only by the call that created it, so a concurrent hook finds it whole or not at all)
+    # and push its task message on the queue; or, for a chart open finding a job still marked as waiting on
+    # a precompute queue, take the mark and push the message on the interactive queue. Then the counts for
+    # /metrics, and the record's fields (never the request) for the caller.
+    # KEYS: record, queue, precompute mark, first-call marker, zero-wait counts, precompute requests and
+    # jobs. ARGV: service id, task, created at, sealed request, ttl, message ('' = none), mode (interactive |
+    # background | none), first-call service ('' = not counted), trigger ('' = none), job id, then the names
+    # of the record's fields to return (RECORD_FIELDS).
+    _REQUEST = """
+    local created = redis.call('HSETNX', KEYS[1], 'state', 'queued')
+    if created == 1 then
+        redis.call('HSET', KEYS[1], 'service_id', ARGV[1], 'task', ARGV[2], 'created_at', ARGV[3],
+                   'attempts', 0, 'request', ARGV[4])
+        redis.call('EXPIRE', KEYS[1], ARGV[5])
+        if ARGV[7] == 'background' then redis.call('SET', KEYS[3], 1, 'EX', ARGV[5]) end
+        if ARGV[6] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[6]) end
+    elseif ARGV[7] == 'interactive' and redis.call('HGET', KEYS[1], 'state') == 'queued' then
+        if redis.call('DEL', KEYS[3]) == 1 then redis.call('LPUSH', KEYS[2], ARGV[6]) end
+    end
+    local fields = redis.call('HMGET', KEYS[1], unpack(ARGV, 11))
+    local state = fields[1]
+    local first = 0
+    if ARGV[8] ~= '' and redis.call('SET', KEYS[4], 1, 'NX', 'EX', ARGV[5]) then
+        first = 1
+        redis.call('HINCRBY', KEYS[5], ARGV[8] .. ':first', 1)
+        if state == 'done' then redis.call('HINCRBY', KEYS[5], ARGV[8] .. ':ready', 1) end
+    end
+    if ARGV[9] ~= '' then
+        local outcome = 'existing'
+        if created == 1 then
+            outcome = 'enqueued'
+        elseif state == 'done' or state == 'failed' then
+            outcome = state
+        end
+        redis.call('HINCRBY', KEYS[6], ARGV[9] .. ':' .. outcome, 1)
+        redis.call('SADD', KEYS[7], ARGV[10])
+        redis.call('EXPIRE', KEYS[7], ARGV[5])
+    end
+    return {created, first, fields}
     """
 
     def __init__(self, redis_client: redis.Redis, ttl_s: int, *, request_key: bytes) -> None:
         self.redis = redis_client
         self.ttl_s = ttl_s
         self._box = Fernet(base64.urlsafe_b64encode(request_key))
-        self._create = redis_client.register_script(self._CREATE)
+        self._request = redis_client.register_script(self._REQUEST)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -123,25 +250,58 @@ class JobStore:
         return f"mgcds:job:{job_id}"
 
     def create(self, request: ModelJobRequest) -> tuple[str, JobRecord | None]:
-        """Create the record unless one exists; return the id and, when this call created it, its record."""
-        job_id = request.job_id()
+        """Create the record unless one exists, queueing nothing; return the id and, when this call created
+        it, its record."""
+        submitted = self.submit(request, request.job_id(), b"", "", mode="none")
+        return submitted.job_id, submitted.record if submitted.created else None
+
+    def submit(
+        self,
+        request: ModelJobRequest,
+        job_id: str,
+        message: bytes,
+        queue: str,
+        *,
+        mode: Literal["interactive", "background", "none"],
+        first_call_service: str = "",
+        trigger: str = "",
+    ) -> Submitted:
+        """Ask for a job in one Redis round trip (``_REQUEST``); return what it found or made.
+
+        ``message`` (a ``TaskMessages.message`` for ``job_id``) goes on ``queue`` when the record is created,
+        or, ``interactive``, when a precompute mark is taken. ``first_call_service`` counts a chart open's
+        first call for the record towards the zero-wait rate; ``trigger`` counts a precompute trigger's
+        request.
+        """
         created_at = datetime.now(UTC)
-        created = self._create(
-            keys=[self.key(job_id)],
+        marker = hashlib.sha256(job_id.encode()).hexdigest()[:32]
+        created, first, fields = self._request(
+            keys=[
+                self.key(job_id),
+                queue,
+                PRECOMPUTE_MARK_PREFIX + job_id,
+                f"{FIRST_CALL_PREFIX}{first_call_service}:{marker}",
+                ZERO_WAIT_KEY,
+                PRECOMPUTE_REQUESTS_KEY,
+                PRECOMPUTE_JOBS_KEY,
+            ],
             args=[
                 request.service_id,
                 request.task,
                 created_at.isoformat(),
                 self._box.encrypt(request.model_dump_json().encode()),
                 self.ttl_s,
+                message,
+                mode,
+                first_call_service,
+                trigger,
+                job_id,
+                *RECORD_FIELDS,
             ],
         )
-        if not created:
-            return job_id, None
-        record = JobRecord(
-            id=job_id, service_id=request.service_id, task=request.task, state="queued", created_at=created_at
-        )
-        return job_id, record
+        found = {name: value.decode() for name, value in zip(RECORD_FIELDS, fields, strict=True) if value}
+        record = record_from(job_id, found)
+        return Submitted(job_id, bool(created), bool(first), record)
 
     def request_of(self, job_id: str) -> ModelJobRequest | None:
         """Return the stored request of a job, or None when the record or its request (job finished) is gone.
@@ -163,25 +323,8 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         """Return the job's record, or None."""
-        fields = {k.decode(): v.decode() for k, v in self.redis.hgetall(self.key(job_id)).items()}
-        if "state" not in fields or "created_at" not in fields:
-            return None
-        return JobRecord(
-            id=job_id,
-            service_id=fields["service_id"],
-            task=fields["task"],
-            state=fields["state"],  # type: ignore[arg-type]
-            attempts=int(fields.get("attempts", 0)),
-            created_at=datetime.fromisoformat(fields["created_at"]),
-            started_at=datetime.fromisoformat(fields["started_at"]) if "started_at" in fields else None,
-            finished_at=datetime.fromisoformat(fields["finished_at"]) if "finished_at" in fields else None,
-            model=fields.get("model"),
-            model_version=fields.get("model_version"),
-            result=json.loads(fields["result"]) if "result" in fields else None,
-            error=fields.get("error"),
-            generated_tokens=int(fields["generated_tokens"]) if "generated_tokens" in fields else None,
-            seconds=float(fields["seconds"]) if "seconds" in fields else None,
-        )
+        values = self.redis.hmget(self.key(job_id), RECORD_FIELDS)
+        return record_from(job_id, {k: v.decode() for k, v in zip(RECORD_FIELDS, values, strict=True) if v})
 
     def start(self, job_id: str, worker: str) -> int:
         """Mark a job running on ``worker``; return the attempt number (redeliveries count up)."""
@@ -250,19 +393,20 @@ class Capacity:
         workers = self.workers().get(role, 0)
         if workers == 0 or seconds_left <= 0:
             return False
-        seconds, jobs = self.redis.hmget(MODEL_SECONDS_KEY, model), self.redis.hget(MODEL_JOBS_KEY, model)
-        if not jobs or not seconds[0]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(MODEL_SECONDS_KEY, model).hget(MODEL_JOBS_KEY, model).llen(QUEUES[role])
+            seconds, jobs, waiting = pipe.execute()
+        if not jobs or not seconds:
             return True
-        mean = float(seconds[0]) / max(int(jobs), 1)
-        waiting = int(self.redis.llen(QUEUES[role]))
-        return (waiting // workers + 1) * mean <= seconds_left
+        mean = float(seconds) / max(int(jobs), 1)
+        return (int(waiting) // workers + 1) * mean <= seconds_left
 
 
 class JobQueue:
     """The handle a hook handler gets (``wire.ModelJobs``): model work that never waits past the deadline.
 
-    ``background``: a precompute trigger nobody waits on; new jobs go through ``send`` to a precompute queue
-    and are marked so a chart open can move them ahead. ``trigger`` names a precompute trigger, whose
+    ``background``: a precompute trigger nobody waits on; new jobs go to a precompute queue and are marked
+    so a chart open can move them ahead. ``trigger`` names a precompute trigger, whose
     requests are counted for /metrics. ``count_first_calls``: this is a chart open (patient-view), whose
     first call per record counts towards the zero-wait rate. ``on_request`` hears of each job asked for: its
     id, whether this call created it, and its record as returned.
@@ -271,7 +415,7 @@ class JobQueue:
     def __init__(
         self,
         store: JobStore,
-        send: Callable[[str, str], None],
+        messages: TaskMessages,
         settings: Settings,
         service_id: str,
         deadline: float,
@@ -286,7 +430,7 @@ class JobQueue:
         self._on_lookup = on_lookup
         self.capacity = capacity
         self.store = store
-        self._send = send
+        self._messages = messages
         self._settings = settings
         self._service_id = service_id
         self.deadline = deadline
@@ -336,57 +480,32 @@ class JobQueue:
             input_hashes=input_hashes,
             max_new_tokens=settings.max_new_tokens,
         )
+        job_id = job.job_id()
+        queue = (PRECOMPUTE_QUEUES if self.background else QUEUES)[role]
         try:
-            job_id, created = self.store.create(job)
-            if created is not None:
-                if self.background:
-                    # Marked before it is sent, so a chart open can never miss a job that is already queued.
-                    self.store.redis.set(PRECOMPUTE_MARK_PREFIX + job_id, 1, ex=self._settings.result_ttl_s)
-                self._send(job_id, role)
-            record = created or self.store.get(job_id)
-            if record is not None and record.state == "queued" and not self.background:
-                self._promote(job_id, role)
+            submitted = self.store.submit(
+                job,
+                job_id,
+                self._messages.message(job_id, queue),
+                queue,
+                mode="background" if self.background else "interactive",
+                first_call_service=self._service_id if self.count_first_calls else "",
+                trigger=self.trigger or "",
+            )
+            record = submitted.record
             self._on_lookup(record is not None and record.state == "done")
             if record is not None and record.state in ("queued", "running"):
                 if self.capacity.can_finish(role, model, self.deadline - time.monotonic()):
                     record = self._wait(job_id)
-            self._count(job_id, created is not None, record)
+                    if submitted.first_call and record is not None and record.state == "done":
+                        # Ready by the end of the first chart open's wait: it counts as zero-wait too.
+                        self.store.redis.hincrby(ZERO_WAIT_KEY, f"{self._service_id}:ready", 1)
             if self._on_request is not None:
-                self._on_request(job_id, created is not None, record)
+                self._on_request(job_id, submitted.created, record)
             return record
         except Exception as exc:  # noqa: BLE001 - Redis or broker down: degrade to the rule cards
             log.warning("model job unavailable: %s", type(exc).__name__)
             return None
-
-    def _promote(self, job_id: str, role: str) -> None:
-        """Send a job still waiting on a precompute queue again on the interactive one: a chart open is now.
-
-        The precompute message stays where it is; when a worker gets to it the job is done and it returns.
-        """
-        if self.store.redis.delete(PRECOMPUTE_MARK_PREFIX + job_id):
-            self._send(job_id, role)
-
-    def _count(self, job_id: str, created: bool, record: JobRecord | None) -> None:
-        """Count a precompute trigger's request, or a chart open's first call for this record."""
-        client = self.store.redis
-        if self.trigger is not None:
-            state = record.state if record is not None else "missing"
-            outcome = "enqueued" if created else state if state in ("done", "failed") else "existing"
-            with client.pipeline(transaction=False) as pipe:
-                pipe.hincrby(PRECOMPUTE_REQUESTS_KEY, f"{self.trigger}:{outcome}", 1)
-                pipe.sadd(PRECOMPUTE_JOBS_KEY, job_id)
-                pipe.expire(PRECOMPUTE_JOBS_KEY, self._settings.result_ttl_s)
-                pipe.execute()
-        if self.count_first_calls:
-            marker = hashlib.sha256(job_id.encode()).hexdigest()[:32]
-            key = f"{FIRST_CALL_PREFIX}{self._service_id}:{marker}"
-            if client.set(key, 1, nx=True, ex=self._settings.result_ttl_s):
-                ready = record is not None and record.state == "done"
-                with client.pipeline(transaction=False) as pipe:
-                    pipe.hincrby(ZERO_WAIT_KEY, f"{self._service_id}:first", 1)
-                    if ready:
-                        pipe.hincrby(ZERO_WAIT_KEY, f"{self._service_id}:ready", 1)
-                    pipe.execute()
 
     def _wait(self, job_id: str) -> JobRecord | None:
         pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)

@@ -105,7 +105,7 @@ def _precompute_imaging(resource_type: str, resource_id: str | None, body: dict[
     if patient_id is None:
         return _outcome(f"ignored: the {resource_type} names no patient")
     precomputer = Precomputer(
-        settings, deps.registry, deps.jobs, deps.capacity, deps.send_precompute_job, deps.executor, deps.today
+        settings, deps.registry, deps.jobs, deps.capacity, deps.task_messages, deps.executor, deps.today
     )
     outcome = precomputer.imaging(reader, server, patient_id, trigger="subscription")
     log.info("FHIR notification handled", extra={"resource_type": resource_type, "outcome": outcome})

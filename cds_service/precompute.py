@@ -42,10 +42,10 @@ from cds_service.hook_io import RecordImages
 from cds_service.jobs import PRECOMPUTE_JOBS_KEY
 from cds_service.jobs import PRECOMPUTE_QUEUES
 from cds_service.jobs import PRECOMPUTE_REQUESTS_KEY
-from cds_service.jobs import TASK_NAME
 from cds_service.jobs import Capacity
 from cds_service.jobs import JobQueue
 from cds_service.jobs import JobStore
+from cds_service.jobs import TaskMessages
 from cds_service.jobs import job_request_key
 from cds_service.prefetch import ParsedPrefetchCache
 from cds_service.prefetch import resolve_prefetch
@@ -124,7 +124,7 @@ class Precomputer:
         registry: Registry,
         store: JobStore,
         capacity: Capacity,
-        send: Callable[[str, str], None],
+        messages: TaskMessages,
         executor: Executor,
         today: Callable[[], date] = date.today,
     ) -> None:
@@ -132,7 +132,7 @@ class Precomputer:
         self.registry = registry
         self.store = store
         self.capacity = capacity
-        self.send = send
+        self.messages = messages
         self.executor = executor
         self.today = today
 
@@ -169,7 +169,7 @@ class Precomputer:
 
         return JobQueue(
             self.store,
-            self.send,
+            self.messages,
             self.settings,
             service_id,
             deadline=time.monotonic(),
@@ -411,13 +411,16 @@ def run_sweep(
     celery = make_celery(settings)
     timeout = httpx.Timeout(settings.fhir_timeout_s, connect=settings.fhir_connect_timeout_s)
 
-    def send(job_id: str, role: str) -> None:
-        celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=PRECOMPUTE_QUEUES[role])
-
     with httpx.Client(timeout=timeout) as http, ThreadPoolExecutor(8, thread_name_prefix="sweep") as pool:
         store = JobStore(redis_client, settings.result_ttl_s, request_key=job_request_key(settings))
         precomputer = Precomputer(
-            settings, load_registry(), store, Capacity(redis_client), send, pool, today=lambda: day
+            settings,
+            load_registry(),
+            store,
+            Capacity(redis_client),
+            TaskMessages(celery),
+            pool,
+            today=lambda: day,
         )
         reader = operator_reader(settings, http, fhir_base, token)
         try:

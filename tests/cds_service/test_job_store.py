@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 
 import pytest
 import redis
 from pydantic import SecretStr
 
+from cds_service.jobs import TASK_NAME
 from cds_service.jobs import JobRequestUnreadable
 from cds_service.jobs import JobStore
+from cds_service.jobs import TaskMessages
 from cds_service.jobs import job_request_key
 from cds_service.settings import Settings
 from cds_service.wire import ModelJobRequest
+from worker.celery_app import make_celery
 from worker.tasks import run_model_job
 
 PROMPT = "Patient reports chest pain radiating to the left arm; history of myocardial infarction"
@@ -118,3 +122,38 @@ def test_the_key_is_derived_per_secret_and_is_not_the_secret(settings: Settings)
     assert job_request_key(settings) != job_request_key(other)
     assert len(job_request_key(settings)) == 32
     assert settings.secret_key.get_secret_value().encode() not in job_request_key(settings)
+
+
+def test_a_prepared_task_message_is_the_one_celery_send_task_writes(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    celery = make_celery(settings)
+    job_id, queue = uuid.uuid4().hex, f"test-queue-{uuid.uuid4().hex[:8]}"
+    try:
+        celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=queue, ignore_result=False)
+        sent = json.loads(redis_client.rpop(queue))
+        prepared = json.loads(TaskMessages(celery).message(job_id, queue))
+    finally:
+        redis_client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        celery.close()
+    # Every field the same but the delivery tag (unique per message); the body decodes to the same task call.
+    assert prepared["properties"].pop("delivery_tag") != sent["properties"].pop("delivery_tag")
+    body = json.loads(base64.b64decode(sent.pop("body")))
+    assert json.loads(base64.b64decode(prepared.pop("body"))) == body == [[job_id], {}, body[2]]
+    assert prepared == sent
+
+
+def test_a_job_is_created_and_queued_in_one_call_and_queued_once(
+    store: JobStore, redis_client: redis.Redis, settings: Settings
+) -> None:
+    request = job_request(str(uuid.uuid4()))
+    job_id, queue = request.job_id(), f"test-queue-{uuid.uuid4().hex[:8]}"
+    message = TaskMessages(make_celery(settings)).message(job_id, queue)
+    try:
+        first = store.submit(request, job_id, message, queue, mode="interactive")
+        again = store.submit(request, job_id, message, queue, mode="interactive")
+        assert first.created and first.record is not None and first.record.state == "queued"
+        assert not again.created and again.record == first.record
+        assert redis_client.lrange(queue, 0, -1) == [message]
+    finally:
+        redis_client.delete(queue, JobStore.key(job_id))

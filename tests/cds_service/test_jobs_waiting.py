@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -16,7 +17,9 @@ from cds_service.jobs import QUEUES
 from cds_service.jobs import Capacity
 from cds_service.jobs import JobQueue
 from cds_service.jobs import JobStore
+from cds_service.jobs import TaskMessages
 from cds_service.settings import Settings
+from worker.celery_app import make_celery
 
 MODEL = "google/medgemma-27b-text-it"
 REQUEST_KEY = b"job-request-test-key-0123456789a"
@@ -28,11 +31,11 @@ def client(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.new_database())
 
 
-def queue(client: redis.Redis, budget_s: float, sent: list[str]) -> JobQueue:
+def queue(client: redis.Redis, budget_s: float) -> JobQueue:
     settings = Settings(text_model=MODEL, redis_url="redis://unused")
     return JobQueue(
         JobStore(client, 3600, request_key=REQUEST_KEY),
-        lambda job_id, role: sent.append(job_id),
+        TaskMessages(make_celery(settings)),
         settings,
         "patient-summary",
         deadline=time.monotonic() + budget_s,
@@ -40,30 +43,35 @@ def queue(client: redis.Redis, budget_s: float, sent: list[str]) -> JobQueue:
     )
 
 
+def sent(client: redis.Redis) -> list[str]:
+    """Return the job ids of the task messages on the text queue, oldest first."""
+    return [json.loads(item)["headers"]["id"] for item in reversed(client.lrange(QUEUES["text"], 0, -1))]
+
+
 def request(jobs: JobQueue, prompt: str = "summarise"):
     return jobs.request("patient-summary", "text", "system", prompt, evidence=[], input_hashes=["h"])
 
 
 def test_no_live_worker_means_no_wait(client: redis.Redis) -> None:
-    sent: list[str] = []
     started = time.monotonic()
-    record = request(queue(client, 5.0, sent))
-    assert record is not None and record.state == "queued" and len(sent) == 1
+    record = request(queue(client, 5.0))
+    assert record is not None and record.state == "queued" and len(sent(client)) == 1
     assert time.monotonic() - started < 2.0  # far below the 5 s budget: not waited out
 
 
 def test_the_wait_ends_on_the_done_message_not_the_deadline(client: redis.Redis) -> None:
     client.set(f"{HEARTBEAT_PREFIX}text:host:1", 1, ex=30)
-    sent: list[str] = []
-    jobs = queue(client, 10.0, sent)
+    jobs = queue(client, 10.0)
     store = JobStore(client, 3600, request_key=REQUEST_KEY)
 
     def worker() -> None:
-        while not sent:
+        watcher = redis.Redis(connection_pool=client.connection_pool)
+        while not (job_ids := sent(watcher)):
             time.sleep(0.01)
-        store.start(sent[0], "w")
+        store.start(job_ids[0], "w")
         time.sleep(0.3)
-        store.finish(sent[0], {"state": "done", "result": '{"summary": "x"}', "model": MODEL, "seconds": 0.3})
+        result = {"state": "done", "result": '{"summary": "x"}', "model": MODEL, "seconds": 0.3}
+        store.finish(job_ids[0], result)
 
     thread = threading.Thread(target=worker)
     thread.start()
@@ -84,7 +92,7 @@ def test_a_queue_that_cannot_finish_in_the_budget_is_not_waited_for(client: redi
     assert not capacity.can_finish("text", MODEL, 1.0)
     assert capacity.can_finish("text", MODEL, 60.0)
     started = time.monotonic()
-    record = request(queue(client, 1.0, []))
+    record = request(queue(client, 1.0))
     assert record is not None and record.state == "queued"
     assert time.monotonic() - started < 0.9
 

@@ -3,6 +3,7 @@ rate limit, the daily schedule, and a sweep with the test FHIR server (no worker
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC
 from datetime import date
@@ -21,11 +22,14 @@ from cds_service.fhir_client import FhirReadError
 from cds_service.jobs import FIRST_CALL_PREFIX
 from cds_service.jobs import PRECOMPUTE_JOBS_KEY
 from cds_service.jobs import PRECOMPUTE_MARK_PREFIX
+from cds_service.jobs import PRECOMPUTE_QUEUES
 from cds_service.jobs import PRECOMPUTE_REQUESTS_KEY
+from cds_service.jobs import QUEUES
 from cds_service.jobs import ZERO_WAIT_KEY
 from cds_service.jobs import Capacity
 from cds_service.jobs import JobQueue
 from cds_service.jobs import JobStore
+from cds_service.jobs import TaskMessages
 from cds_service.precompute import SCHEDULER_KEY
 from cds_service.precompute import RateLimit
 from cds_service.precompute import next_run
@@ -35,6 +39,7 @@ from cds_service.precompute import run_sweep
 from cds_service.precompute import subscription_resource
 from cds_service.precompute import sweep_progress
 from cds_service.settings import Settings
+from worker.celery_app import make_celery
 
 REQUEST_KEY = b"job-request-test-key-0123456789a"
 
@@ -45,17 +50,23 @@ def client(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.new_database())
 
 
-def queue(client: redis.Redis, sent: list[tuple[str, str]], label: str, **options: object) -> JobQueue:
-    """A job handle whose sender records (queue label, job id) instead of publishing to Celery."""
+def queue(client: redis.Redis, **options: object) -> JobQueue:
+    """A job handle publishing the real task messages on the model queues of the test's Redis database."""
+    settings = Settings(text_model="google/medgemma-27b-text-it", redis_url="redis://unused")
     return JobQueue(
         JobStore(client, 3600, request_key=REQUEST_KEY),
-        lambda job_id, role: sent.append((label, job_id)),
-        Settings(text_model="google/medgemma-27b-text-it", redis_url="redis://unused"),
+        TaskMessages(make_celery(settings)),
+        settings,
         "appointment-prep",
         deadline=time.monotonic(),
         capacity=Capacity(client),
         **options,  # type: ignore[arg-type]
     )
+
+
+def queued(client: redis.Redis, queue_name: str) -> list[str]:
+    """Return the job ids of the task messages waiting on a queue, oldest first."""
+    return [json.loads(item)["headers"]["id"] for item in reversed(client.lrange(queue_name, 0, -1))]
 
 
 def summary_request(jobs: JobQueue, prompt: str = "summarise") -> object:
@@ -65,52 +76,53 @@ def summary_request(jobs: JobQueue, prompt: str = "summarise") -> object:
 
 
 def test_a_chart_open_moves_a_precomputed_job_ahead_once(client: redis.Redis) -> None:
-    sent: list[tuple[str, str]] = []
-    background = queue(client, sent, "precompute", background=True, trigger="appointment-prep")
+    background = queue(client, background=True, trigger="appointment-prep")
     record = summary_request(background)
     assert record is not None and record.state == "queued"  # type: ignore[attr-defined]
-    ((label, job_id),) = sent
-    assert label == "precompute" and client.exists(PRECOMPUTE_MARK_PREFIX + job_id)
+    (job_id,) = queued(client, PRECOMPUTE_QUEUES["text"])
+    assert client.exists(PRECOMPUTE_MARK_PREFIX + job_id) and not queued(client, QUEUES["text"])
     # Asked for on behalf of patient-summary: the chart open's own job, not an appointment-prep one.
     assert client.hget(JobStore.key(job_id), "service_id") == b"patient-summary"
     assert client.hgetall(PRECOMPUTE_REQUESTS_KEY) == {b"appointment-prep:enqueued": b"1"}
 
-    chart_open = queue(client, sent, "interactive", count_first_calls=True).for_service("patient-summary")
+    chart_open = queue(client, count_first_calls=True).for_service("patient-summary")
     for _ in range(3):
         summary_request(chart_open)
     # Sent again on the interactive queue by the first open only; the mark is spent.
-    assert sent == [("precompute", job_id), ("interactive", job_id)]
+    assert queued(client, PRECOMPUTE_QUEUES["text"]) == [job_id]
+    assert queued(client, QUEUES["text"]) == [job_id]
     assert not client.exists(PRECOMPUTE_MARK_PREFIX + job_id)
 
     # A precomputed job that already runs is left where it is.
     summary_request(background, prompt="other")
-    other = sent[-1][1]
+    other = queued(client, PRECOMPUTE_QUEUES["text"])[-1]
     JobStore(client, 3600, request_key=REQUEST_KEY).start(other, "w")
     summary_request(chart_open, prompt="other")
-    assert sent[-1] == ("precompute", other) and client.exists(PRECOMPUTE_MARK_PREFIX + other)
+    assert queued(client, QUEUES["text"]) == [job_id] and client.exists(PRECOMPUTE_MARK_PREFIX + other)
 
 
 def test_zero_wait_counts_each_records_first_chart_open(client: redis.Redis) -> None:
-    sent: list[tuple[str, str]] = []
     store = JobStore(client, 3600, request_key=REQUEST_KEY)
-    chart_open = queue(client, sent, "interactive", count_first_calls=True).for_service("patient-summary")
+    chart_open = queue(client, count_first_calls=True).for_service("patient-summary")
     summary_request(chart_open, prompt="record one")  # first open: not ready
     summary_request(chart_open, prompt="record one")  # a reopen is not a first open
     # Record two was precomputed and is done before its chart opens.
-    precompute = queue(client, sent, "precompute", background=True, trigger="sweep")
+    precompute = queue(client, background=True, trigger="sweep")
     summary_request(precompute, prompt="record two")
-    store.finish(sent[-1][1], {"state": "done", "result": "{}"})
+    (record_two,) = queued(client, PRECOMPUTE_QUEUES["text"])
+    store.finish(record_two, {"state": "done", "result": "{}"})
     summary_request(chart_open, prompt="record two")
     summary_request(chart_open, prompt="record two")
     assert client.hgetall(ZERO_WAIT_KEY) == {b"patient-summary:first": b"2", b"patient-summary:ready": b"1"}
     # The markers name no job id, only a hash of it.
     markers = [key.decode() for key in client.scan_iter(match=FIRST_CALL_PREFIX + "*")]
-    assert len(markers) == 2 and not any(job_id in marker for _, job_id in sent for marker in markers)
+    job_ids = [*queued(client, QUEUES["text"]), record_two]
+    assert len(markers) == 2 and not any(job_id in marker for job_id in job_ids for marker in markers)
     # Precompute triggers never count as chart opens.
     assert client.hget(PRECOMPUTE_REQUESTS_KEY, "sweep:enqueued") == b"1"
     status = precompute_status(client)
     assert status["jobs"] == {"done": 1} and status["requests"] == {"sweep:enqueued": 1}
-    assert client.smembers(PRECOMPUTE_JOBS_KEY) == {sent[1][1].encode()}
+    assert client.smembers(PRECOMPUTE_JOBS_KEY) == {record_two.encode()}
 
 
 def test_the_rate_limit_spaces_calls() -> None:
