@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 import uuid
@@ -15,6 +16,7 @@ from flask import jsonify
 from flask import request
 from werkzeug.exceptions import HTTPException
 
+from cds_service.errors import BadRequest
 from cds_service.errors import CdsError
 from cds_service.errors import Unauthorized
 from cds_service.logging import clear_request_id
@@ -23,6 +25,9 @@ from cds_service.logging import set_request_id
 
 log = logging.getLogger("cds_service.errors")
 access_log = logging.getLogger("cds_service.access")
+#: C0 controls and DEL: no id, search value or form field of the service holds one, and PostgreSQL refuses
+#: NUL in text, so they are refused at the door on every store alike.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _begin_request() -> None:
@@ -32,6 +37,21 @@ def _begin_request() -> None:
     g.request_id = request_id
     g.request_started = time.perf_counter()
     set_request_id(request_id)
+    _refuse_control_characters()
+
+
+def _refuse_control_characters() -> None:
+    """400 when a path segment or query value holds a control character, or a form field a NUL byte."""
+    for name, value in (request.view_args or {}).items():
+        if isinstance(value, str) and _CONTROL.search(value):
+            raise BadRequest(f"the path's {name} contains a control character")
+    for name, value in request.args.items(multi=True):
+        if _CONTROL.search(name) or _CONTROL.search(value):
+            raise BadRequest("a query parameter contains a control character")
+    if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        # Text typed into a form keeps its line breaks and tabs; only NUL, which no store takes, is refused.
+        if any("\x00" in name or "\x00" in value for name, value in request.form.items(multi=True)):
+            raise BadRequest("a form field contains a NUL character")
 
 
 def _route() -> str:
@@ -91,9 +111,11 @@ def _render_http_error(error: HTTPException) -> tuple[Response, int]:
 
 
 def _render_unexpected(error: Exception) -> tuple[Response, int]:
-    # The message of an unexpected exception may quote record data, so only its class and frames are logged.
-    frames = "".join(traceback.format_tb(error.__traceback__))
-    log.error("unhandled %s\n%s", type(error).__name__, frames)
+    # The message of an unexpected exception may quote record data, so it is never logged; the error id (the
+    # request id, also in the answer) and the class find it, and the frames follow only at DEBUG.
+    log.error("unhandled %s", type(error).__name__, extra={"error_id": get_request_id()})
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("unhandled %s\n%s", type(error).__name__, "".join(traceback.format_tb(error.__traceback__)))
     body = {"error": "internal-error", "message": "internal error", "requestId": get_request_id()}
     return jsonify(body), 500
 

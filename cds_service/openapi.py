@@ -322,7 +322,7 @@ def build_document(app: Flask) -> dict[str, Any]:
             ],
             "responses": {
                 "200": _job_response(refs["JobRecord"]),
-                **_errors(401, 404, 500, 503),
+                **_errors(400, 401, 404, 500, 503),
             },
         }
     }
@@ -409,7 +409,10 @@ def draft_paths(refs: dict[str, dict[str, Any]], jwt: list[dict[str, list[str]]]
                     {"name": "patient", "in": "query", "schema": {"type": "string"}},
                     {"name": "status", "in": "query", "schema": {"enum": ["draft", "signed", "rejected"]}},
                 ],
-                "responses": {"200": _response("Drafts, newest first.", draft_list), **_errors(401, 500)},
+                "responses": {
+                    "200": _response("Drafts, newest first.", draft_list),
+                    **_errors(400, 401, 500),
+                },
             }
         },
         "/drafts/{draft_id}": {
@@ -418,7 +421,10 @@ def draft_paths(refs: dict[str, dict[str, Any]], jwt: list[dict[str, list[str]]]
                 "summary": "One draft: the AI text and, once decided, the signed text or the reason.",
                 "security": jwt,
                 "parameters": [draft_id],
-                "responses": {"200": _response("The draft.", refs["DraftView"]), **_errors(401, 404, 500)},
+                "responses": {
+                    "200": _response("The draft.", refs["DraftView"]),
+                    **_errors(400, 401, 404, 500),
+                },
             }
         },
         "/drafts/{draft_id}/sign": decision(
@@ -439,7 +445,7 @@ def draft_paths(refs: dict[str, dict[str, Any]], jwt: list[dict[str, list[str]]]
                         "description": "The page.",
                         "content": {"text/html": {"schema": {"type": "string"}}},
                     },
-                    **_errors(401, 404),
+                    **_errors(400, 401, 404),
                 },
             }
         },
@@ -455,11 +461,16 @@ def review_paths() -> dict[str, Any]:
     refusals = {
         str(status): page(why)
         for status, why in (
-            (400, "Refused: the launch or the sign-in answer is incomplete, used or forged."),
+            (
+                400,
+                "Refused: the launch or the sign-in answer is incomplete, used or forged, or the "
+                "address or a field holds a control character.",
+            ),
             (401, "Refused: no live review session (open the draft from the EHR)."),
             (403, "Refused: untrusted EHR, another patient's draft, not a clinician, or a CSRF failure."),
             (404, "No such draft."),
             (409, "The draft's state forbids it (e.g. signing a rejected draft)."),
+            (503, "The review app is temporarily unavailable (its session store does not answer)."),
         )
     }
     draft_id = {"name": "draft_id", "in": "path", "required": True, "schema": {"type": "string"}}

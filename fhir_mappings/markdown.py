@@ -16,18 +16,21 @@ from collections.abc import Iterable
 # start only: what makes the line a list item ("- ", "+ ", "1. ", "1) "), since texts land after "- ".
 _MARKUP = re.compile(r"([\\`*_\[\]<>&~|#])")
 _LIST_MARKER = re.compile(r"^(\d{1,9}(?=[.)])|)([-+.)])(?=\s|$)")
-# GFM's autolink extension links bare "www." and "scheme://" text, even written with escapes in some
-# renderers (markdown-it's linkify works on the unescaped text); a word joiner (U+2060) keeps them text
-# that reads the same.
-_AUTOLINK = re.compile(r"(?i)(www)(\.)|(://)")
+# GFM's autolink extension links bare "www.", "scheme://" and e-mail text, and linkify links "mailto:" (and
+# other "scheme:") text, even written with escapes in some renderers (markdown-it's linkify works on the
+# unescaped text); a word joiner (U+2060) keeps them text that reads the same.
+_AUTOLINK = re.compile(r"(?i)(www)(\.)|(://)|(\b[a-z][a-z0-9+.\-]*:)(?=[^\s/])|(@)")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _BLANKS = re.compile(r"\s+")
 
 
 def _break_autolink(match: re.Match[str]) -> str:
-    if match.group(3):
+    www, dot, slashes, scheme, at = match.groups()
+    if slashes:
         return ":\u2060//"
-    return f"{match.group(1)}\u2060{match.group(2)}"
+    if scheme or at:
+        return f"{scheme or at}\u2060"
+    return f"{www}\u2060{dot}"
 
 
 def md_text(text: object) -> str:

@@ -20,6 +20,8 @@ DRAFT_IDENTIFIER_SYSTEM = "urn:medgemma-cds:draft-report"
 AI_NOTICE = (
     "AI-generated draft (MedGemma, not a clinical-grade model) - requires clinician review and signature."
 )
+#: Leads a preliminary report's conclusion: EHRs show ``conclusion`` alone, without the presented form.
+AI_CONCLUSION_PREFIX = "AI draft, not reviewed by a clinician:"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 # LOINC 18748-4 "Diagnostic imaging study" names the report when the study carries no procedure code.
@@ -68,7 +70,7 @@ def draft_report(
         "code": {"coding": [IMAGING_REPORT_CODE], "text": "Imaging report (AI draft)"},
         "subject": {"reference": f"Patient/{patient_id}"},
         "issued": issued.isoformat(),
-        "conclusion": output.impression,
+        "conclusion": f"{AI_CONCLUSION_PREFIX} {output.impression}",
         "presentedForm": [
             _text_attachment(
                 f"{AI_NOTICE}\n\n{report_text(output.findings, output.impression)}", "AI draft report"

@@ -7,11 +7,13 @@ Practitioner or PractitionerRole) may sign or reject. Refusals are pages that sa
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 from flask import Blueprint
 from flask import Response
 from flask import current_app
@@ -42,6 +44,7 @@ from cds_service.review.smart import verify_id_token
 from cds_service.store import Draft
 
 bp = Blueprint("review", __name__, url_prefix="/review", template_folder="templates")
+log = logging.getLogger(__name__)
 COOKIE = "mgcds_review"
 MAX_TEXT = 20_000
 
@@ -58,6 +61,19 @@ class ReviewRefused(Exception):
 @bp.errorhandler(ReviewRefused)
 def _refused(error: ReviewRefused) -> tuple[str, int]:
     return render_template("review/refused.html", reason=error.reason), error.status
+
+
+@bp.errorhandler(BadRequest)
+def _bad_request(error: BadRequest) -> tuple[str, int]:
+    # Raised before the view runs (a control character in the address or a form): a page, like every refusal.
+    return render_template("review/refused.html", reason=f"This request is malformed: {error.message}."), 400
+
+
+@bp.errorhandler(redis.RedisError)
+def _store_down(error: redis.RedisError) -> tuple[str, int]:
+    log.warning("review app: session store unavailable (%s)", type(error).__name__)
+    reason = "The review app is temporarily unavailable; try again in a minute."
+    return render_template("review/refused.html", reason=reason), 503
 
 
 @bp.errorhandler(SmartError)
@@ -199,7 +215,8 @@ def _session() -> ReviewSession:
 
 def _checked_form(session: ReviewSession) -> None:
     given = request.form.get("csrf", "")
-    if not given or not secrets.compare_digest(given, session.csrf):
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a refusal).
+    if not given or not secrets.compare_digest(given.encode(), session.csrf.encode()):
         raise ReviewRefused(403, "This form is not from your review session (CSRF check); reload the page.")
 
 

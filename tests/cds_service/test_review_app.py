@@ -25,7 +25,11 @@ from support import leaks_in_log
 from support import record_draft
 
 from cds_service.drafts import DraftService
+from cds_service.review.routes import COOKIE
+from cds_service.review.sessions import ReviewSession
+from cds_service.review.sessions import ReviewStore
 from cds_service.settings import Settings
+from cds_service.settings import purpose_key
 from cds_service.signed_links import sign_link
 from cds_service.store import Store
 from fhir_mappings.reports import DRAFT_IDENTIFIER_SYSTEM
@@ -75,6 +79,15 @@ def signed_in(
     page = browser.get(callback)
     assert page.status_code == 200, page.text
     return browser
+
+
+def session_of(live: LiveServer, browser: httpx.Client) -> ReviewSession:
+    """Return the review session a browser's cookie names, read from Redis as the served app reads it."""
+    client = redis.Redis.from_url(live.env["MEDGEMMA_CDS_REDIS_URL"])
+    store = ReviewStore(client, purpose_key(Settings(secret_key=SECRET_KEY), "review-app"), 3600)
+    session = store.session(browser.cookies.get(COOKIE))
+    assert session is not None
+    return session
 
 
 def csrf_of(page: str) -> str:
@@ -193,10 +206,10 @@ def test_a_patient_user_reads_but_cannot_sign(
     browser = signed_in(live_server, smart, draft_id, f"Patient/{patient}", patient)
     page = browser.get(f"/review/drafts/{draft_id}").text
     assert 'id="read-only"' in page and 'id="sign-form"' not in page
-    refused = browser.post(
-        f"/review/drafts/{draft_id}/sign", data={"csrf": "x", "text": "signed by a patient"}
-    )
-    assert refused.status_code == 403
+    # With the session's own CSRF token, so the role check is what refuses (the page has no form to read).
+    form = {"csrf": session_of(live_server, browser).csrf, "text": "signed by a patient"}
+    refused = browser.post(f"/review/drafts/{draft_id}/sign", data=form)
+    assert refused.status_code == 403 and "Only a clinician" in refused.text
     assert browser.get(f"/review/drafts/{draft_id}").text.count('class="status" id="status">draft') == 1
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 
 from fhir_mappings.model_outputs import ImagingReadOutput
+from fhir_mappings.reports import AI_CONCLUSION_PREFIX
 from fhir_mappings.reports import AI_NOTICE
 from fhir_mappings.reports import DRAFT_IDENTIFIER_SYSTEM
 from fhir_mappings.reports import ai_provenance
@@ -76,7 +77,8 @@ def test_draft_report_is_preliminary_and_says_it_is_ai() -> None:
         "code": "18748-4",
         "display": "Diagnostic imaging study",
     }
-    assert report["conclusion"] == "Findings concerning for pneumonia."
+    # EHRs list a report by its conclusion alone: it says it is an unreviewed AI draft until signed.
+    assert report["conclusion"] == f"{AI_CONCLUSION_PREFIX} Findings concerning for pneumonia."
     assert report["issued"].startswith("2025-03-04T05:06:07")
     (form,) = report["presentedForm"]
     text = _attachment_text(form)

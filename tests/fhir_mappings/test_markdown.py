@@ -21,6 +21,10 @@ HOSTILE = [
     "<a href='http://evil.test'>click</a>",
     "visit http://evil.test now",
     "or www.evil.test",
+    "mail mailto:evil@evil.test now",
+    "write to evil@evil.test",
+    "call tel:+15551234 or xmpp:evil@evil.test",
+    "javascript:alert(1)",
     "[ref]: http://evil.test",
     "**bold** _em_ `code` ~~gone~~",
     "# Heading",
@@ -41,6 +45,16 @@ def test_untrusted_text_renders_as_one_paragraph_of_text(text: str) -> None:
     body = html.removeprefix("<p><strong>Problem:</strong> ").removesuffix("</p>\n")
     assert "<" not in body.replace("&lt;", "").replace("<br", ""), html
     assert "<a " not in html and "<img" not in html
+
+
+@pytest.mark.parametrize(
+    "text", ["mail mailto:evil@evil.test now", "write to evil@evil.test", "javascript:alert(1)"]
+)
+def test_links_of_any_scheme_stay_text_a_gfm_renderer_would_link(text: str) -> None:
+    # markdown-it's linkify leaves a bare address alone where GFM links it: the escaped text is checked too.
+    escaped = md_text(text)
+    assert "mailto:e" not in escaped and "@e" not in escaped and "javascript:a" not in escaped
+    assert escaped.replace("\u2060", "") == text
 
 
 @pytest.mark.parametrize("text", HOSTILE)
