@@ -74,9 +74,9 @@ def json_problem(text: str, value: Any, max_depth: int) -> str | None:
 
 def parse_hook_call(
     definition: ServiceDefinition, body: Any, settings: Settings, tolerated: Counter[str]
-) -> tuple[HookRequest, Any, Any | None, Any | None]:
-    """Validate a hook body for this service; return the request, its context, and the read draftOrders
-    and appointments (None where the hook has none).
+) -> tuple[HookRequest, Any, Any | None, Any | None, int]:
+    """Validate a hook body for this service; return the request, its context, the read draftOrders and
+    appointments (None where the hook has none), and how many medication orders were over the limit.
 
     Both Bundles are read tolerantly (counted in ``tolerated``): clients send Bundles that strict R4
     rejects, and a 400 there would silence the order's safety checks.
@@ -90,15 +90,34 @@ def parse_hook_call(
     if len(hook_request.prefetch or {}) > settings.max_prefetch_keys:
         raise BadRequest(f"too many prefetch keys (limit {settings.max_prefetch_keys})")
     draft_orders = None
+    unchecked = 0
     raw_orders = getattr(context, "draft_orders", None)
     if raw_orders is not None:
-        entries = raw_orders.get("entry")
-        if isinstance(entries, list) and len(entries) > settings.max_draft_orders:
-            raise BadRequest(f"too many draft orders (limit {settings.max_draft_orders})")
+        raw_orders, unchecked = limit_draft_orders(raw_orders, settings.max_draft_orders)
         draft_orders = read_resource(raw_orders, tolerated)
     raw_appointments = getattr(context, "appointments", None)
     appointments = read_resource(raw_appointments, tolerated) if raw_appointments is not None else None
-    return hook_request, context, draft_orders, appointments
+    return hook_request, context, draft_orders, appointments, unchecked
+
+
+def limit_draft_orders(bundle: dict[str, Any], limit: int) -> tuple[dict[str, Any], int]:
+    """Return draftOrders cut to what is read (within ``limit``) and how many medication orders were cut.
+
+    Over the limit, the first ``limit`` MedicationRequests are kept with the Medications they may reference;
+    other orders (labs, imaging) are dropped, as no medication check reads them. The cut never costs the
+    checks of the orders kept: the handler says how many were not checked.
+    """
+    entries = bundle.get("entry")
+    if not isinstance(entries, list) or len(entries) <= limit:
+        return bundle, 0
+
+    def kind(entry: Any) -> Any:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        return resource.get("resourceType") if isinstance(resource, dict) else None
+
+    orders = [e for e in entries if kind(e) == "MedicationRequest"]
+    medications = [e for e in entries if kind(e) == "Medication"][:limit]
+    return {**bundle, "entry": orders[:limit] + medications}, max(0, len(orders) - limit)
 
 
 def run_service(
@@ -119,7 +138,9 @@ def run_service(
     ``today`` is the day of the call (default: the local date), which the model's context ages the patient by.
     """
     tolerated: Counter[str] = Counter()
-    hook_request, context, draft_orders, appointments = parse_hook_call(definition, body, settings, tolerated)
+    hook_request, context, draft_orders, appointments, unchecked = parse_hook_call(
+        definition, body, settings, tolerated
+    )
 
     token = hook_request.fhir_authorization.access_token if hook_request.fhir_authorization else None
     fhir_server = hook_request.fhir_server
@@ -152,6 +173,7 @@ def run_service(
         unavailable=prefetched.unavailable,
         tolerated=tolerated + prefetched.tolerated,
         draft_orders=draft_orders,
+        unchecked_orders=unchecked,
         appointments=appointments,
         today=today or date.today(),
         public_url=settings.public_url.rstrip("/"),

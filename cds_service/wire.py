@@ -60,11 +60,20 @@ class FhirAuthorization(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     access_token: SecretStr
-    token_type: Literal["Bearer"]
-    expires_in: int = Field(ge=0)
-    scope: str
-    subject: str
+    # Read tolerantly (only the token is used): the type in any case ("bearer" as RFC 6749 examples write
+    # it), and subject, scope and expiry optional, so a grant an EHR words differently never costs a check.
+    token_type: str = "Bearer"
+    expires_in: int | None = Field(default=None, ge=0)
+    scope: str | None = None
+    subject: str | None = None
     patient: str | None = None
+
+    @field_validator("token_type")
+    @classmethod
+    def _bearer_in_any_case(cls, value: str) -> str:
+        if value.strip().lower() != "bearer":
+            raise ValueError("token_type must be Bearer")
+        return "Bearer"
 
 
 class PatientViewContext(WireModel):
@@ -484,6 +493,8 @@ class HookCall:
     unavailable: dict[str, str] = field(default_factory=dict)
     tolerated: Counter[str] = field(default_factory=Counter)
     draft_orders: Any | None = None
+    # Medication orders of draftOrders past the service's limit, left unchecked (a card says so).
+    unchecked_orders: int = 0
     appointments: Any | None = None
     today: date = field(default_factory=date.today)
     jobs: ModelJobs | None = None

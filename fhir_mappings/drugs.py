@@ -27,12 +27,19 @@ from typing import Any
 from typing import Literal
 from typing import NamedTuple
 
+from rapidfuzz import fuzz
+from rapidfuzz import process
+
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
 DATA = Path(__file__).resolve().parent / "data"
 _TOKEN = re.compile(r"[a-z0-9]+")
 _DIGIT = re.compile(r"\d")
 _EMPTY: frozenset[str] = frozenset()
+# A near misspelling is read as a known name only when it is long enough, starts with the same letter and is
+# this similar (RapidFuzz's normalised Indel ratio, 0-100): "amoxicilin" → amoxicillin (95), "penicilin" → 95.
+_FUZZY_MIN_LENGTH = 6
+_FUZZY_CUTOFF = 88
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class DrugIdentity:
     routes: frozenset[str] = frozenset()
     names: frozenset[str] = frozenset()
     codes: frozenset[tuple[str, str]] = frozenset()
+    # Misspelled words read as a known name, as (word as written, name read): the cards say so.
+    read_as: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,10 @@ class AllergyMatch:
     kind: Literal["ingredient", "class", "cross-reactivity"]
     what: str
     severe: bool
+    # Cross-reactivity through an identical R1 side chain (ceftazidime → aztreonam): higher risk.
+    side_chain: bool = False
+    # Manifestations that make this cross-reactivity a warning (ACE inhibitor → ARB: angioedema); else info.
+    warn_if: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,9 @@ class _Lexicon:
     ingredient_routes: dict[str, frozenset[str]]
     diluents: frozenset[str]
     codes: dict[tuple[str, str], _Entry]
-    cross: tuple[tuple[str, str, str], ...]
+    cross: tuple[tuple[str, str, str, tuple[str, ...]], ...]
+    side_chains: tuple[tuple[str, frozenset[str]], ...]
+    allergy_history: dict[str, list[str]]
 
 
 def normalise(text: str) -> list[str]:
@@ -233,7 +248,14 @@ def _lexicon() -> _Lexicon:
         },
         diluents=frozenset(name for name, data in ingredients.items() if "diluent" in data["classes"]),
         codes={},
-        cross=tuple((rule["allergy"], rule["order"], rule["what"]) for rule in curated["cross_reactivity"]),
+        cross=tuple(
+            (rule["allergy"], rule["order"], rule["what"], tuple(rule.get("warn_if", ())))
+            for rule in curated["cross_reactivity"]
+        ),
+        side_chains=tuple(
+            (group["what"], frozenset(group["ingredients"])) for group in curated["side_chains"]
+        ),
+        allergy_history=curated["allergy_history"],
     )
     codes = lexicon.codes
     for name, data in ingredients.items():
@@ -253,6 +275,31 @@ def _lexicon() -> _Lexicon:
 def preload() -> None:
     """Load the medication data now (once per process), so the first hook call does not pay for it."""
     _lexicon()
+    _fuzzy_choices()
+
+
+@lru_cache(maxsize=1)
+def _fuzzy_choices() -> dict[str, tuple[str, ...]]:
+    """Return the one-word names of the lexicon by first letter, the candidates for a misspelled word."""
+    by_letter: dict[str, list[str]] = {}
+    for key in _lexicon().phrases:
+        if " " not in key and len(key) >= _FUZZY_MIN_LENGTH - 1 and not _DIGIT.search(key):
+            by_letter.setdefault(key[0], []).append(key)
+    return {letter: tuple(keys) for letter, keys in by_letter.items()}
+
+
+def _fuzzy_entries(lexicon: _Lexicon, words: list[str]) -> list[tuple[str, str, _Entry]]:
+    """Return (word, name, entry) for each word that is a near misspelling of one known name."""
+    found = []
+    for word in words:
+        if len(word) < _FUZZY_MIN_LENGTH:
+            continue
+        match = process.extractOne(
+            word, _fuzzy_choices().get(word[0], ()), scorer=fuzz.ratio, score_cutoff=_FUZZY_CUTOFF
+        )
+        if match is not None:
+            found.append((word, match[0], lexicon.phrases[match[0]]))
+    return found
 
 
 @lru_cache(maxsize=8192)
@@ -271,16 +318,21 @@ def identify(concept: DrugConcept) -> DrugIdentity:
                 named |= entry.classes
     names: set[str] = set()
     routes: set[str] = set()
+    read_as: dict[str, str] = {}
     for text in concept.texts:
         if not text:
             continue
         entries, leftover, text_routes = _scan(lexicon, text)
         routes |= text_routes
+        if not entries and leftover:
+            names.add(" ".join(leftover))
+            # Nothing recognised: a near misspelling of a known name is read as that name (and said so).
+            for word, name, entry in _fuzzy_entries(lexicon, leftover):
+                read_as[word] = name
+                entries.append(entry)
         for entry in entries:
             ingredients |= entry.ingredients
             named |= entry.classes
-        if not entries and leftover:
-            names.add(" ".join(leftover))
     classes: set[str] = set()
     for name in ingredients:
         classes |= lexicon.ingredient_classes.get(name, _EMPTY)
@@ -298,6 +350,7 @@ def identify(concept: DrugConcept) -> DrugIdentity:
         routes=frozenset(routes),
         names=frozenset(names),
         codes=frozenset(codes),
+        read_as=tuple(sorted(read_as.items())),
     )
 
 
@@ -309,8 +362,9 @@ def allergy_conflict(ordered: DrugConcept, substance: DrugConcept) -> AllergyMat
     """Return why an ordered drug conflicts with an allergy's substance, or None when it does not.
 
     Checked in order: a shared ingredient or code; a class the allergy names ("penicillins", "sulfa drugs")
-    or the allergy group of a named ingredient (amoxicillin → every penicillin), both severe; then a
-    cross-reactivity rule (cephalosporin after penicillin allergy), a warning; and for names nothing was
+    or the allergy group of a named ingredient (amoxicillin → every penicillin), both severe; then a shared
+    beta-lactam R1 side chain (ceftazidime → aztreonam) or a cross-reactivity rule (cephalosporin after
+    penicillin allergy), which the caller tiers by the reaction history; and for names nothing was
     recognised in, the same whole name.
     """
     lexicon = _lexicon()
@@ -329,13 +383,21 @@ def allergy_conflict(ordered: DrugConcept, substance: DrugConcept) -> AllergyMat
     groups = {c for name in allergy.ingredients for c in lexicon.allergy_groups.get(name, ())} & order.classes
     if groups:
         return AllergyMatch(kind="class", what=_most_specific(lexicon, groups), severe=True)
-    for allergy_class, order_class, what in lexicon.cross:
+    for what, members in lexicon.side_chains:
+        if allergy.ingredients & members and order.ingredients & members:
+            return AllergyMatch(kind="cross-reactivity", what=f"shared {what}", severe=False, side_chain=True)
+    for allergy_class, order_class, what, warn_if in lexicon.cross:
         if allergy_class in allergy.classes and order_class in order.classes:
-            return AllergyMatch(kind="cross-reactivity", what=what, severe=False)
+            return AllergyMatch(kind="cross-reactivity", what=what, severe=False, warn_if=warn_if)
     same_name = order.names & allergy.names
     if same_name:
         return AllergyMatch(kind="ingredient", what=sorted(same_name)[0], severe=True)
     return None
+
+
+def allergy_history_terms() -> dict[str, list[str]]:
+    """Return the words and SNOMED CT codes that mark a severe reaction or an intolerance."""
+    return _lexicon().allergy_history
 
 
 def duplicate_therapy(ordered: DrugConcept, active: DrugConcept) -> DuplicateMatch | None:

@@ -14,11 +14,13 @@ from cds_service.wire import JobRecord
 from cds_service.wire import Suggestion
 from fhir_mappings.ai_cards import AI_DISCLAIMER
 from fhir_mappings.ai_cards import model_source
+from fhir_mappings.labs import PatientFacts
 from fhir_mappings.markdown import md_text
 from fhir_mappings.model_outputs import OrderReviewOutput
 from fhir_mappings.order_conflicts import medication_orders
 from fhir_mappings.record import medication_text
 from fhir_mappings.record import reference
+from fhir_mappings.summary import RULES_SOURCE
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
@@ -35,6 +37,19 @@ def orders_context(draft_orders: Any, selections: list[str] | None) -> tuple[str
         lines.append(f"[{reference(order)}] draft order: {name} {dosage}".strip())
         refs.append(reference(order))
     return "\n".join(lines), refs
+
+
+def rule_findings_text(cards: list[Card], facts: PatientFacts) -> str:
+    """Return what the rule checks found (one line per card) and the labs and age they used, for the model."""
+    lines = [
+        f"- {card.indicator}: {card.summary}" for card in cards if card.source.label == RULES_SOURCE.label
+    ]
+    known = [f"age {facts.age}" if facts.age is not None else "", facts.sex or ""]
+    known += [lab.describe() for lab in (facts.egfr, facts.potassium) if lab is not None]
+    if facts.pregnancy:
+        known.append(f"pregnant ({facts.pregnancy})")
+    used = ", ".join(k for k in known if k)
+    return "\n".join(lines + ([f"Patient data the rules used: {used}"] if used else []))
 
 
 def order_review_card(

@@ -28,12 +28,13 @@ def imaging_prompt(description: str) -> str:
     )
 
 
-def order_review_prompt(orders_text: str, record_text: str) -> str:
-    """Return the user turn asking for a review of draft orders against the record."""
+def order_review_prompt(orders_text: str, record_text: str, findings_text: str = "") -> str:
+    """Return the user turn asking for a review of draft orders against the record and the rule findings."""
     return (
         "Review these draft medication orders against the patient's record: interactions, contraindications, "
-        "allergies, duplications, and dose for age and renal function. For each concern give the order id, "
-        "a severity, the issue, a recommendation and whether to keep, change or remove the order. "
+        "allergies, duplications, and dose for age and renal function. The rule checks' findings and the "
+        "labs they used are listed: do not repeat them; add only what they miss. For each concern give the "
+        "order id, a severity, the issue, a recommendation and whether to keep, change or remove the order. "
         "Return no concern for an order without a problem.\n\n"
-        f"Draft orders:\n{orders_text}\n\nRecord:\n{record_text}"
+        f"Draft orders:\n{orders_text}\n\nRule findings:\n{findings_text or 'none'}\n\nRecord:\n{record_text}"
     )

@@ -139,6 +139,7 @@ class Quantity(Element):
     """A FHIR Quantity."""
 
     value: One[Decimal] = None
+    comparator: Text = None
     unit: Text = None
     code: Text = None
 
@@ -160,10 +161,36 @@ class HumanName(Element):
     given: Many[str] = []
 
 
+class TimingRepeat(Element):
+    """Timing.repeat: how often (``frequency`` times per ``period`` ``periodUnit``)."""
+
+    frequency: One[int] = None
+    frequencyMax: One[int] = None
+    period: One[Decimal] = None
+    periodMax: One[Decimal] = None
+    periodUnit: Text = None
+
+
+class Timing(Element):
+    """A FHIR Timing: its repeat rule and its code (BID, TID, ...)."""
+
+    repeat: One[TimingRepeat] = None
+    code: One[CodeableConcept] = None
+
+
+class DoseAndRate(Element):
+    """Dosage.doseAndRate: the amount given each time."""
+
+    doseQuantity: One[Quantity] = None
+
+
 class Dosage(Element):
-    """A FHIR Dosage (its text is what a reviewer and the model read)."""
+    """A FHIR Dosage (its text is what a reviewer and the model read; dose and timing for dose limits)."""
 
     text: Text = None
+    timing: One[Timing] = None
+    doseAndRate: Many[DoseAndRate] = []
+    route: One[CodeableConcept] = None
 
 
 def _resource_or_none(value: Any, info: ValidationInfo) -> Any:
@@ -236,6 +263,7 @@ class AllergyReaction(Element):
 
     substance: One[CodeableConcept] = None
     manifestation: Many[CodeableConcept] = []
+    severity: Text = None
 
 
 class AllergyIntolerance(Resource):
@@ -243,6 +271,7 @@ class AllergyIntolerance(Resource):
 
     clinicalStatus: One[CodeableConcept] = None
     verificationStatus: One[CodeableConcept] = None
+    type: Text = None
     criticality: Text = None
     category: Many[str] = []
     code: One[CodeableConcept] = None
@@ -390,11 +419,19 @@ class BundleEntry(Element):
         return data
 
 
+class BundleLink(Element):
+    """Bundle.link: a search answer's ``next`` page, if the server paged it."""
+
+    relation: Text = None
+    url: Text = None
+
+
 class Bundle(Resource):
     """Bundle: a search answer or the ``draftOrders`` of an order hook (whose ``type`` clients omit)."""
 
     type: Text = None
     total: One[int] = None
+    link: Many[BundleLink] = []
     entry: Many[BundleEntry] = []
 
 

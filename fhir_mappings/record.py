@@ -46,7 +46,8 @@ def incomplete_list(bundle: Any) -> str | None:
 
     Entries that are not FHIR resources were lost in reading; an OperationOutcome with an error or fatal
     issue is the server saying the search failed (a warning, such as Epic's "may not contain the entire
-    record", is not taken as a failure).
+    record", is not taken as a failure); a ``next`` link or a ``total`` above the matches sent means the
+    list came in pages and only the first is here.
     """
     if bundle is None or bundle.get_resource_type() != "Bundle":
         return None
@@ -56,6 +57,17 @@ def incomplete_list(bundle: Any) -> str | None:
     for outcome in bundle_resources(bundle, "OperationOutcome"):
         if any((issue.severity or "").lower() in ("error", "fatal") for issue in outcome.issue):
             return "the FHIR server answered the search with an error"
+    matches = sum(
+        1
+        for entry in bundle.entry
+        if entry.resource is not None
+        and entry.resource.get_resource_type() != "OperationOutcome"
+        and (entry.search is None or (entry.search.mode or "match") == "match")
+    )
+    if any((link.relation or "").lower() == "next" and link.url for link in bundle.link):
+        return f"it came in pages and only the first ({matches} entries) was read"
+    if bundle.total is not None and bundle.total > matches:
+        return f"it holds {matches} of {bundle.total} entries (the rest are on other pages)"
     return None
 
 

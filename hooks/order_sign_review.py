@@ -16,7 +16,10 @@ from hooks.order_review import review_orders
     id="order-sign-review",
     hook="order-sign",
     title="Order sign review",
-    description="Checks every medication order being signed against allergies and active drugs; AI review.",
+    description=(
+        "Checks every medication order being signed: allergies, duplicates, interactions, kidney function, "
+        "potassium, conditions, pregnancy, dose and age; AI review too."
+    ),
     prefetch=ORDER_PREFETCH,
     potentially_long_running=True,
 )

@@ -184,8 +184,9 @@ def test_prompts_carry_their_inputs() -> None:
         "Digital Radiography Chest study 2018-04-13"
     )
     assert "routine, urgent or critical" in imaging_prompt("medical image")
-    review = order_review_prompt(orders, record)
-    assert review.endswith(f"Draft orders:\n{orders}\n\nRecord:\n{record}")
+    findings = "- warning: Kidney function: Ibuprofen 400 MG Oral Tablet with eGFR 24 (below 30)"
+    review = order_review_prompt(orders, record, findings)
+    assert review.endswith(f"Draft orders:\n{orders}\n\nRule findings:\n{findings}\n\nRecord:\n{record}")
     assert "keep, change or remove" in review
     assert "JSON" in SYSTEM_PROMPT and "square brackets" in SYSTEM_PROMPT
     assert "not a clinical-grade" in SYSTEM_PROMPT
