@@ -62,15 +62,26 @@ class PatientFacts:
     age: int | None = None
     sex: str | None = None
     egfr: LabValue | None = None
+    creatinine_mg_dl: LabValue | None = None
+    weight_kg: LabValue | None = None
     potassium: LabValue | None = None
     pregnancy: str | None = None
     conditions: tuple[ConditionFact, ...] = ()
 
 
 @lru_cache(maxsize=1)
+def _patient_rules_data() -> dict[str, Any]:
+    return json.loads((DATA / "patient_rules.json").read_text(encoding="utf-8"))
+
+
 def lab_codes() -> dict[str, Any]:
     """Return the ``labs`` section of patient_rules.json (LOINC codes, answers, limits)."""
-    return json.loads((DATA / "patient_rules.json").read_text(encoding="utf-8"))["labs"]
+    return _patient_rules_data()["labs"]
+
+
+def lab_codes_exclusions() -> list[str]:
+    """Return the words that make a problem's text not the patient's present problem."""
+    return _patient_rules_data()["condition_exclude_words"]
 
 
 def age_on(birth_date: str | None, today: date) -> int | None:
@@ -144,42 +155,55 @@ def _number(observation: Any) -> tuple[float, str] | None:
     return None
 
 
-def _egfr(observations: list[Any], age: int | None, sex: str | None, today: date) -> LabValue | None:
+def _egfr(
+    observations: list[Any], creatinine: LabValue | None, age: int | None, sex: str | None, today: date
+) -> LabValue | None:
     labs = lab_codes()
-    max_days = labs["max_age_days"]
     candidates: list[LabValue] = []
-    for day, observation in _recent(observations, set(labs["egfr"]["loinc"]), today, max_days):
+    for day, observation in _recent(observations, set(labs["egfr"]["loinc"]), today, labs["max_age_days"]):
         number = _number(observation)
         if number is not None:
             candidates.append(LabValue(number[0], "mL/min/1.73m2", day, "eGFR"))
             break
-    creatinine_codes = set(labs["creatinine_mg_dl"]) | set(labs["creatinine_umol_l"])
-    if age is not None and sex in ("female", "male"):
-        for day, observation in _recent(observations, creatinine_codes, today, max_days):
-            number = _number(observation)
-            if number is None or number[0] <= 0:
-                continue
-            value, unit = number
-            in_umol = "mol" in unit.lower() or (
-                not unit and _loinc_codes(observation) & set(labs["creatinine_umol_l"])
-            )
-            mg_dl = value / UMOL_PER_MG_CREATININE if in_umol else value
-            egfr = ckd_epi_2021(mg_dl, age, sex)
-            shown = f"{value:g} {unit or ('umol/L' if in_umol else 'mg/dL')}"
-            label = f"eGFR (CKD-EPI 2021 from creatinine {shown}, age {age}, {sex})"
-            candidates.append(LabValue(round(egfr), "mL/min/1.73m2", day, label))
-            break
+    if creatinine is not None and age is not None and sex in ("female", "male"):
+        egfr = ckd_epi_2021(creatinine.value, age, sex)
+        label = f"eGFR (CKD-EPI 2021 from creatinine {creatinine.value:g} mg/dL, age {age}, {sex})"
+        candidates.append(LabValue(round(egfr), "mL/min/1.73m2", creatinine.day, label))
     # The most recent wins; on the same day a reported eGFR wins over the computed one (listed first).
     return max(candidates, key=lambda lab: lab.day, default=None)
 
 
-def _potassium(observations: list[Any], today: date) -> LabValue | None:
+def _latest(observations: list[Any], key: str, today: date, unit: str, label: str) -> LabValue | None:
     labs = lab_codes()
-    for day, observation in _recent(observations, set(labs["potassium"]), today, labs["max_age_days"]):
+    for day, observation in _recent(observations, set(labs[key]), today, labs["max_age_days"]):
         number = _number(observation)
         if number is not None:
-            return LabValue(number[0], number[1] or "mmol/L", day, "Potassium")
+            return LabValue(number[0], number[1] or unit, day, label)
     return None
+
+
+def _creatinine(observations: list[Any], today: date) -> LabValue | None:
+    """Return the latest serum creatinine in mg/dL (µmol/L converted)."""
+    labs = lab_codes()
+    codes = set(labs["creatinine_mg_dl"]) | set(labs["creatinine_umol_l"])
+    for day, observation in _recent(observations, codes, today, labs["max_age_days"]):
+        number = _number(observation)
+        if number is None or number[0] <= 0:
+            continue
+        in_umol = "mol" in number[1].lower() or (
+            not number[1] and _loinc_codes(observation) & set(labs["creatinine_umol_l"])
+        )
+        value = number[0] / UMOL_PER_MG_CREATININE if in_umol else number[0]
+        return LabValue(round(value, 2), "mg/dL", day, "Creatinine")
+    return None
+
+
+def _weight(observations: list[Any], today: date) -> LabValue | None:
+    """Return the latest body weight in kg (pounds converted)."""
+    weight = _latest(observations, "body_weight", today, "kg", "Weight")
+    if weight is not None and weight.unit.lower().startswith(("lb", "[lb")):
+        return LabValue(round(weight.value * 0.4536, 1), "kg", weight.day, "Weight")
+    return weight
 
 
 def _answer(observation: Any, answers: dict[str, Any]) -> bool:
@@ -226,9 +250,23 @@ def _words_match(text: str, words: Iterable[str]) -> bool:
 
 
 def condition_matches(
-    condition: ConditionFact, snomed: Iterable[str], icd10: Iterable[str], words: Iterable[str]
+    condition: ConditionFact,
+    snomed: Iterable[str],
+    icd10: Iterable[str],
+    words: Iterable[str],
+    exclude_icd10: Iterable[str] = (),
+    exclude_words: Iterable[str] = (),
 ) -> bool:
-    """Return whether a problem is in a group: by SNOMED CT code, ICD-10 prefix, or words in its text."""
+    """Return whether a problem is in a group: by SNOMED CT code, ICD-10 prefix, or words in its text.
+
+    A problem whose text says it is not the patient's own or not present ("family history of", "ruled
+    out") or that a group excludes (heart failure "with preserved ejection fraction") is not in it.
+    """
+    excluded = [p.replace(".", "").upper() for p in exclude_icd10]
+    if any(code.startswith(prefix) for code in condition.icd10 for prefix in excluded):
+        return False
+    if _words_match(condition.text, [*exclude_words, *lab_codes_exclusions()]):
+        return False
     if condition.snomed & set(snomed):
         return True
     prefixes = [p.replace(".", "").upper() for p in icd10]
@@ -270,11 +308,14 @@ def patient_facts(
     for observation_list in observation_lists:
         observations += bundle_resources(observation_list, "Observation")
     facts = _condition_facts(conditions)
+    creatinine = _creatinine(observations, today)
     return PatientFacts(
         age=age,
         sex=sex,
-        egfr=_egfr(observations, age, sex, today),
-        potassium=_potassium(observations, today),
+        egfr=_egfr(observations, creatinine, age, sex, today),
+        creatinine_mg_dl=creatinine,
+        weight_kg=_weight(observations, today),
+        potassium=_latest(observations, "potassium", today, "mmol/L", "Potassium"),
         pregnancy=None if sex == "male" else _pregnancy(observations, facts, today),
         conditions=facts,
     )

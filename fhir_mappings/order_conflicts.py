@@ -534,7 +534,6 @@ def _active_medication_cards(checked: list[CheckedOrder], medications: Any) -> l
             match = duplicate_therapy(entry.concept, active_concept)
             if match is not None:
                 cards.append(_duplicate_card(entry, active_name, match))
-                continue
             found = find_interaction(entry.identity, active_identity)
             if found is not None:
                 cards.append(_interaction_card(entry, active_name, None, found))

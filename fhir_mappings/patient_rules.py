@@ -84,6 +84,7 @@ class DoseAmount:
     single: float | None
     daily: float | None
     period_days: float | None
+    per_day: float | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def dose_amount(dosages: Iterable[Any], texts: Iterable[str]) -> DoseAmount:
     per period) or ``timing.code`` (BID, TID, Q6H, ...).
     """
     texts = list(texts)
-    single = daily = period_days = None
+    single = daily = period_days = doses_per_day = None
     for dosage in dosages:
         quantity = next((d.doseQuantity for d in dosage.doseAndRate if d.doseQuantity is not None), None)
         if quantity is None or quantity.value is None:
@@ -154,8 +155,9 @@ def dose_amount(dosages: Iterable[Any], texts: Iterable[str]) -> DoseAmount:
         per_day, days = _per_day(dosage.timing)
         if per_day is not None:
             daily = max(daily or 0.0, amount * per_day)
+            doses_per_day = max(doses_per_day or 0.0, per_day)
             period_days = days if period_days is None else min(period_days, days)
-    return DoseAmount(single, daily, period_days)
+    return DoseAmount(single, daily, period_days, doses_per_day)
 
 
 def _per_day(timing: Any) -> tuple[float | None, float]:
@@ -192,7 +194,13 @@ def patient_findings(
     findings: list[Finding] = []
     if systemic and facts.egfr is not None:
         for rule in rules["renal"]:
-            if facts.egfr.value < rule.data["below"] and rule.drugs.matches(identity):
+            if "below" not in rule.data:
+                continue
+            if (
+                facts.egfr.value < rule.data["below"]
+                and rule.drugs.matches(identity)
+                and not _adjusted(rule, dose)
+            ):
                 findings.append(
                     Finding(
                         "renal",
@@ -204,6 +212,8 @@ def patient_findings(
                         rule.data["source"],
                     )
                 )
+    if systemic:
+        findings += _dose_criteria_findings(drug, identity, facts, dose)
     if systemic and facts.potassium is not None:
         value = facts.potassium.value
         for rule in rules["potassium"]:
@@ -227,7 +237,14 @@ def patient_findings(
             continue
         group = rules["conditions"][rule.data["condition"]]
         for condition in facts.conditions:
-            if condition_matches(condition, group["snomed"], group["icd10"], group["words"]):
+            if condition_matches(
+                condition,
+                group["snomed"],
+                group["icd10"],
+                group["words"],
+                group.get("exclude_icd10", ()),
+                group.get("exclude_words", ()),
+            ):
                 findings.append(
                     Finding(
                         rule.data["topic"],
@@ -255,6 +272,46 @@ def patient_findings(
     if systemic and facts.age is not None:
         findings += _age_findings(drug, identity, facts.age, dose, texts)
     return _most_severe(findings)
+
+
+def _adjusted(rule: _Rule, dose: DoseAmount) -> bool:
+    """Return whether the order already has the label's dose for this kidney function (not an alert)."""
+    daily_max = rule.data.get("adjusted_daily_max")
+    if daily_max is not None and dose.daily is not None and dose.daily <= daily_max * 1.0001:
+        return True
+    per_day = rule.data.get("adjusted_doses_per_day")
+    return per_day is not None and dose.per_day is not None and dose.per_day <= per_day
+
+
+def _dose_criteria_findings(
+    drug: str, identity: DrugIdentity, facts: PatientFacts, dose: DoseAmount
+) -> list[Finding]:
+    """Return findings of label dose-reduction criteria (apixaban: two of age, creatinine and weight)."""
+    findings = []
+    for rule in _rules()["renal"]:
+        criteria = rule.data.get("criteria")
+        if criteria is None or not rule.drugs.matches(identity):
+            continue
+        met = []
+        if facts.age is not None and facts.age >= criteria["age_at_least"]:
+            met.append(f"age {facts.age}")
+        creatinine = facts.creatinine_mg_dl
+        if creatinine is not None and creatinine.value >= criteria["creatinine_at_least"]:
+            met.append(creatinine.describe())
+        if facts.weight_kg is not None and facts.weight_kg.value <= criteria["weight_at_most"]:
+            met.append(facts.weight_kg.describe())
+        if len(met) < criteria["needed"] or dose.single is None or dose.single <= criteria["reduced_dose"]:
+            continue
+        findings.append(
+            Finding(
+                "renal",
+                rule.data["severity"],
+                f"Dose reduction due: {drug} {dose.single:g} mg with {', '.join(met)}",
+                f"{rule.data['what']} Criteria met: {', '.join(met)}.",
+                rule.data["source"],
+            )
+        )
+    return findings
 
 
 def _dose_findings(drug: str, identity: DrugIdentity, dose: DoseAmount) -> list[Finding]:
