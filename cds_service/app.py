@@ -14,7 +14,10 @@ from flask import Flask
 from flask_cors import CORS
 
 from cds_service.auth import JwtVerifier
+from cds_service.auth import TrustConfig
 from cds_service.auth import load_trust_config
+from cds_service.dev_issuer import DEV_ISSUER
+from cds_service.dev_issuer import development_trust
 from cds_service.drafts import DraftService
 from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import validate_allowlist
@@ -85,10 +88,18 @@ def build_verifier(
             "AUTHENTICATION IS DISABLED (MEDGEMMA_CDS_AUTH_DISABLED=true): for local development only"
         )
         return AuthDisabled()
-    if settings.trusted_issuers is None:
+    issuers = (
+        {} if settings.trusted_issuers is None else dict(load_trust_config(settings.trusted_issuers).issuers)
+    )
+    if settings.development and (development := development_trust()) is not None:
+        log.warning(
+            "development mode: trusting the local development issuer (%s, `medgemma-cds token`)", DEV_ISSUER
+        )
+        issuers[DEV_ISSUER] = development
+    if not issuers:
         log.warning("no trusted issuers configured: every hook and feedback call will be refused with 401")
         return NoTrustedIssuers()
-    return JwtVerifier(load_trust_config(settings.trusted_issuers), redis_client)
+    return JwtVerifier(TrustConfig(issuers=issuers), redis_client)
 
 
 def create_app(settings: Settings | None = None, *, today: Callable[[], date] | None = None) -> Flask:
@@ -100,6 +111,11 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
     settings = settings or Settings()
     check_production_safety(settings)
     configure_logging()
+    if settings.development:
+        log.warning(
+            "DEVELOPMENT MODE (MEDGEMMA_CDS_DEV_MODE=true): development keys and links are trusted; "
+            "never in production"
+        )
     validate_allowlist(settings.fhir_server_allowlist)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -169,11 +169,15 @@ class JwtVerifier:
         signed, claims = _decode_unverified(_bearer_token(authorization_header))
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or issuer not in self._trust.issuers:
-            raise _Rejected("issuer not trusted")
+            raise _Rejected("issuer not trusted (MEDGEMMA_CDS_TRUSTED_ISSUERS lists the trusted ones)")
         trust = self._trust.issuers[issuer]
         aud = claims.get("aud")
         if not (aud == audience or (isinstance(aud, list) and audience in aud)):
-            raise _Rejected("audience does not name this endpoint")
+            # The expected value is no secret, and a wrong base URL is the usual cause: name both.
+            raise _Rejected(
+                f"audience does not name this endpoint: expected aud {audience} "
+                "(its base is MEDGEMMA_CDS_PUBLIC_URL)"
+            )
         now = time.time()
         expires_at = self._check_times(claims, now)
         if trust.tenant is not None and claims.get("tenant") != trust.tenant:

@@ -1,20 +1,24 @@
-"""The ``medgemma-cds`` command: serve, worker, demo, build-tiny-model, load-sample-data, check."""
+"""The ``medgemma-cds`` command line: one subcommand per thing an operator or developer runs."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from collections.abc import Sequence
 from datetime import date
 from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
 
+from cds_service.settings import ENV_PREFIX
+from cds_service.settings import Settings
 from cds_service.settings import SettingsProblem
 from cds_service.settings import check_production_safety
 from cds_service.settings import load_settings
@@ -254,95 +258,231 @@ def subscribe(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Start what is missing, fire both hooks for the demo patient and print the cards."""
+    """Start what is missing and show the whole loop for a synthetic patient."""
     from cds_service.demo import run_demo
 
-    return run_demo(
-        port=args.port, keep_running=args.keep_running, wait_s=args.wait, cache_dir=args.cache_dir
+    return run_demo(port=args.port, once=args.once, wait_s=args.wait, cache_dir=args.cache_dir)
+
+
+def token(args: argparse.Namespace) -> int:
+    """Print a JWT for one service's URL, signed by the local development issuer."""
+    from cds_service.dev_issuer import mint_token
+
+    settings = load_settings()
+    print(
+        mint_token(f"{settings.public_url.rstrip('/')}/cds-services/{args.service}", lifetime_s=args.lifetime)
     )
+    return 0
+
+
+def call(args: argparse.Namespace) -> int:
+    """Fire a hook with a bundled example request, signed by the development issuer, and print the cards."""
+    import httpx
+
+    from cds_service.demo import Printer
+    from cds_service.examples import CallProblem
+    from cds_service.examples import call_service
+    from cds_service.examples import example_names
+
+    if args.list or args.service is None:
+        for name in example_names():
+            print(name)
+        return 0
+    settings = load_settings()
+    try:
+        with httpx.Client(timeout=60) as http:
+            cards = call_service(
+                http, args.url or settings.public_url, settings.public_url, args.service, args.example
+            )
+    except CallProblem as problem:
+        print(f"medgemma-cds: {problem}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"cards": cards}, indent=2))
+        return 0
+    printer = Printer(sys.stdout)
+    if not cards:
+        printer.line("(no cards: checked, nothing to say)")
+    for card in cards:
+        printer.card(card)
+    return 0
+
+
+def version() -> str:
+    """Return the installed version of medgemma-cds."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("medgemma-cds")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def default_port() -> int:
+    """Return the port ``serve`` binds by default: ``$PORT`` when set (as gunicorn and PaaS hosts read it),
+    else 8080."""
+    return int(os.environ.get("PORT") or 8080)
+
+
+DESCRIPTION = """\
+CDS Hooks 2.0 clinical decision support backed by MedGemma.
+
+Settings come from MEDGEMMA_CDS_* environment variables (docs/configuration.md); a malformed one stops every
+command with one line naming it. Run `medgemma-cds COMMAND --help` for a command's options.
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, unless it has none to show (unset, a flag off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="medgemma-cds", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="medgemma-cds", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"medgemma-cds {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the CDS Hooks API under gunicorn")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    def command(name: str, purpose: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=purpose, description=purpose[0].upper() + purpose[1:] + ".",
+            formatter_class=HelpFormatter,
+        )  # fmt: skip
+
+    p = command("serve", "run the CDS Hooks API under gunicorn (migrates the database first)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=default_port(), help="port to listen on ($PORT when set)")
     # Two processes per core: the hook path is CPU-bound Python, and a gevent worker doesn't preempt a busy
     # greenlet, so more processes (the OS does preempt) keep the tail short (bench/bench_hooks.py).
-    p.add_argument("--workers", type=int, default=max(2, 2 * (os.cpu_count() or 1)))
-    p.add_argument("--worker-class", choices=["gevent", "gthread"], default="gevent")
+    p.add_argument(
+        "--workers", type=int, default=max(2, 2 * (os.cpu_count() or 1)), help="gunicorn worker processes"
+    )
+    p.add_argument(
+        "--worker-class", choices=["gevent", "gthread"], default="gevent", help="gunicorn worker type"
+    )
     p.add_argument("--connections", type=int, default=1000, help="concurrent requests per gevent worker")
     p.add_argument("--threads", type=int, default=8, help="threads per gthread worker")
     p.set_defaults(func=serve)
 
-    p = sub.add_parser("worker", help="run a Celery model worker")
-    p.add_argument("--queue", choices=["text", "image"], required=True)
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--pool", choices=["prefork", "threads", "solo"], default="prefork")
+    p = command("worker", "run a Celery model worker on the text or the image queue")
+    p.add_argument("--queue", choices=["text", "image"], required=True, help="which model queue to consume")
+    p.add_argument("--concurrency", type=int, default=1, help="tasks run at once (batched on a GPU)")
+    p.add_argument(
+        "--pool", choices=["prefork", "threads", "solo"], default="prefork",
+        help="Celery pool: threads batches concurrent tasks into one generate call (GPU)",
+    )  # fmt: skip
     p.set_defaults(func=worker)
 
-    p = sub.add_parser("demo", help="one-command local demo")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--keep-running", action="store_true", help="keep everything running until Ctrl-C")
-    p.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the AI card (default 180)")
+    p = command(
+        "demo", "show the whole loop on this machine: hooks, AI cards, a draft signed, the report read back"
+    )
+    p.add_argument("--port", type=int, default=8080, help="port of the API the demo starts (or finds)")
+    p.add_argument("--once", action="store_true", help="stop everything after the loop instead of at Ctrl-C")
+    p.add_argument("--wait", type=float, default=180.0, help="seconds to wait for each AI card")
     p.add_argument(
-        "--cache-dir", type=Path, default=None, help="tiny model folder (default ~/.cache/medgemma-cds)"
+        "--cache-dir", type=Path, default=None, help="tiny model folder (default: ~/.cache/medgemma-cds)"
     )
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("build-tiny-model", help="write a tiny random Gemma3 image-text checkpoint")
-    p.add_argument("directory")
-    p.add_argument("--seed", type=int, default=0)
+    p = command(
+        "token", "print a short-lived JWT from the local development issuer (trusted in development mode)"
+    )
+    p.add_argument(
+        "--service", required=True, help="service id: the token's aud is {PUBLIC_URL}/cds-services/ID"
+    )
+    p.add_argument("--lifetime", type=int, default=300, help="seconds the token is valid")
+    p.set_defaults(func=token)
+
+    p = command("call", "fire a hook with a bundled example request (development issuer) and print the cards")
+    p.add_argument("service", nargs="?", default=None, help="service id, e.g. order-review")
+    p.add_argument("--example", default=None, help="example request name (default: the first for the hook)")
+    p.add_argument("--url", default=None, help="base URL of the service (default: MEDGEMMA_CDS_PUBLIC_URL)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument("--list", action="store_true", help="list the example requests and exit")
+    p.set_defaults(func=call)
+
+    p = command(
+        "build-tiny-model",
+        "write the tiny random-weight Gemma3 checkpoint used by the tests and the CPU demo",
+    )
+    p.add_argument("directory", help="folder to write the checkpoint into (created)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=build_tiny_model)
 
-    p = sub.add_parser("load-sample-data", help="load the bundled synthetic patients into a FHIR server")
-    p.add_argument("--fhir-base", required=True)
+    p = command("load-sample-data", "load the bundled synthetic patients into a FHIR server (once)")
+    p.add_argument("--fhir-base", required=True, help="FHIR R4 base URL, e.g. http://localhost:8081/fhir")
     p.add_argument("--token", default=None, help="bearer token for the FHIR server, if it needs one")
     p.set_defaults(func=load_sample_data)
 
-    p = sub.add_parser(
-        "precompute", help="queue the AI pre-visit summaries of a day's appointments (low priority)"
-    )
+    p = command("precompute", "queue the AI pre-visit summaries of a day's appointments (low priority)")
     p.add_argument("--fhir-base", required=True, help="FHIR server holding the Appointments and the records")
     p.add_argument("--date", type=date.fromisoformat, default=None, help="YYYY-MM-DD (default: today)")
     p.add_argument("--token", default=None, help="bearer token for the FHIR server, if it needs one")
-    p.add_argument("--rate", type=parse_rate, default=5.0, help="patients per second, N/s (default 5/s)")
+    p.add_argument("--rate", type=parse_rate, default=5.0, help="patients per second, N/s")
     p.add_argument(
         "--daily-at", type=parse_clock, default=None, help="HH:MM: keep running, sweep each day at that time"
     )
     p.set_defaults(func=precompute)
 
-    p = sub.add_parser("subscribe", help="create the FHIR Subscriptions that notify new imaging")
-    p.add_argument("--fhir-base", required=True)
+    p = command("subscribe", "create the FHIR Subscriptions that notify new imaging")
+    p.add_argument("--fhir-base", required=True, help="FHIR R4 base URL of the server to subscribe to")
     p.add_argument("--token", default=None, help="bearer token for the FHIR server, if it needs one")
     p.add_argument(
         "--endpoint",
         default=None,
-        help="notification URL the FHIR server can reach (default {PUBLIC_URL}/fhir-notifications/imaging)",
+        help="notification URL the FHIR server can reach (default: {PUBLIC_URL}/fhir-notifications/imaging)",
     )
     p.set_defaults(func=subscribe)
 
-    p = sub.add_parser("check", help="print configuration and readiness of Redis, database, FHIR server")
-    p.add_argument("--fhir-base", default=None)
+    p = command(
+        "check", "print the configuration and the readiness of Redis, the database, a FHIR server, workers"
+    )
+    p.add_argument("--fhir-base", default=None, help="also check this FHIR server answers (its /metadata)")
     p.add_argument(
         "--worker", action="store_true", help="only check that a model worker on this host answers a ping"
     )
     p.add_argument(
-        "--scheduler", action="store_true", help="only check that a `precompute --daily-at` scheduler runs"
+        "--scheduler", action="store_true", help="only check that a precompute --daily-at scheduler runs"
     )
     p.set_defaults(func=check)
 
-    p = sub.add_parser("db-upgrade", help="apply database migrations")
+    p = command("db-upgrade", "apply the database migrations")
     p.set_defaults(func=db_upgrade)
     return parser
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """Return one line per ``MEDGEMMA_CDS_*`` variable that names no setting, with the closest known name."""
+    suffixes = [name.upper() for name in Settings.model_fields]
+    known = [f"{ENV_PREFIX}{suffix}" for suffix in suffixes]
+    lines = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        closest = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.6)
+        hint = (
+            f"; did you mean {ENV_PREFIX}{closest[0]}?"
+            if closest
+            else " (docs/configuration.md lists the settings)"
+        )
+        lines.append(f"medgemma-cds: {variable} is not a setting and is ignored{hint}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
+    for line in unknown_settings(os.environ):
+        print(line, file=sys.stderr)
     try:
         return int(args.func(args))
     except SettingsProblem as problem:

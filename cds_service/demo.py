@@ -544,7 +544,7 @@ def await_ai_card(
 def run_demo(
     port: int,
     *,
-    keep_running: bool = False,
+    once: bool = False,
     wait_s: float = 180.0,
     cache_dir: Path | None = None,
     out: TextIO | None = None,
@@ -554,6 +554,7 @@ def run_demo(
     Everything the demo started is stopped before it returns, whichever way it ends.
     """
     printer = Printer(out or sys.stdout)
+    keep_running = not once
     settings = Settings()
     cache_dir = cache_dir or Path.home() / ".cache" / "medgemma-cds"
     workdir = Path(tempfile.mkdtemp(prefix="medgemma-cds-demo-"))
@@ -674,7 +675,7 @@ def _run(
     printer.line(
         f"  CDS Hooks sandbox: open {SANDBOX_URL}, choose 'CDS Services' > 'Add CDS Service' and enter "
         f"{url}/cds-services (the sandbox calls from your browser, so a local URL works while the demo runs "
-        "with --keep-running; authentication is off in the demo)"
+        "until you stop it; authentication is off in the demo)"
     )
     if keep_running:
         printer.line()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support import free_port
 
-MARKER = "MEDGEMMA_CDS_DEMO_TEST_RUN"
+MARKER = "DEMO_TEST_RUN"
 RULE_SUMMARY = "1 active problem, 3 active medications, 3 allergies"
 DUPLICATE = "[WARNING] Duplicate therapy: Hydrochlorothiazide 25 MG Oral Tablet duplicates active"
 
@@ -59,7 +59,7 @@ def test_demo_prints_both_hooks_cards_and_stops_everything(cache_dir: Path) -> N
     run = uuid.uuid4().hex
     port = free_port()
     result = subprocess.run(
-        command(port, cache_dir, "--wait", "30"),
+        command(port, cache_dir, "--wait", "30", "--once"),
         env=demo_env(run),
         capture_output=True,
         text=True,
@@ -92,7 +92,7 @@ def test_ctrl_c_stops_a_kept_running_demo(cache_dir: Path) -> None:
     run = uuid.uuid4().hex
     port = free_port()
     process = subprocess.Popen(
-        command(port, cache_dir, "--wait", "0", "--keep-running"),
+        command(port, cache_dir, "--wait", "0"),
         env=demo_env(run),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

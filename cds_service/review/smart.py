@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import warnings
 from typing import Any
 
 import httpx
 from authlib.common.security import generate_token
-from authlib.integrations.httpx_client import OAuth2Client
+from authlib.deprecate import AuthlibDeprecationWarning
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from fhirclient.models.patient import Patient
 from fhirclient.models.practitioner import Practitioner
@@ -27,6 +28,12 @@ from joserfc.jwk import KeySet
 from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field
+
+# authlib's client prefers httpx2 and, without it, warns at import that it falls back to httpx: the project's
+# HTTP client, which is what we want it to use. That warning would greet every `serve`, so it is muted here.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "The httpx module is deprecated", AuthlibDeprecationWarning)
+    from authlib.integrations.httpx_client import OAuth2Client
 
 #: What the app reads and writes, in SMART v2 scopes, and the v1 names for servers that speak only v1.
 READ_WRITE_SCOPES_V2 = [

@@ -371,7 +371,10 @@ def test_rejection_log_carries_the_reason_but_no_token(
         verifier.verify(bearer(token), AUDIENCE)
     [record] = [record for record in caplog.records if record.name == "cds_service.auth"]
     assert record.levelno == logging.WARNING
-    assert record.reason == "audience does not name this endpoint"  # type: ignore[attr-defined]
+    reason = record.reason  # type: ignore[attr-defined]
+    # What was expected and which setting sets it: the fix for a wrong PUBLIC_URL, in the log line.
+    assert reason.startswith("audience does not name this endpoint") and "MEDGEMMA_CDS_PUBLIC_URL" in reason
+    assert f"expected aud {AUDIENCE} " in reason
     for part in token.split("."):
         assert part not in caplog.text
 
