@@ -117,6 +117,7 @@ def call_service(service_id: str) -> Response:
             drafts=deps.drafts,
             on_fetch=observe_prefetch,
             today=deps.today(),
+            redis_client=deps.redis,
         )
         cards = len(response.cards)
         count_tolerated(definition.id, call.tolerated)

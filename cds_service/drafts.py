@@ -28,6 +28,7 @@ from cds_service.settings import Settings
 from cds_service.store import Draft
 from cds_service.store import Store
 from cds_service.store import utcnow
+from cds_service.wire import ImageRead
 from cds_service.wire import JobRecord
 from fhir_mappings.ai_cards import model_identifier
 from fhir_mappings.model_outputs import ImagingReadOutput
@@ -35,6 +36,7 @@ from fhir_mappings.reports import DRAFT_IDENTIFIER_SYSTEM
 from fhir_mappings.reports import ai_provenance
 from fhir_mappings.reports import draft_id_uuid
 from fhir_mappings.reports import draft_report
+from fhir_mappings.reports import read_entities
 from fhir_mappings.reports import report_text
 from fhir_mappings.reports import signed_report
 from fhir_mappings.reports import writeback_bundle
@@ -85,7 +87,8 @@ class DraftService:
         job: JobRecord,
         output: ImagingReadOutput,
         image_hash: str,
-        image_png: bytes,
+        image_read: ImageRead | None,
+        image_png: bytes | None,
         study: str | None,
         image_ref: str,
         patient_id: str,
@@ -93,9 +96,12 @@ class DraftService:
         encounter_id: str | None,
         requested_by: str,
         evidence: list[str],
-        input_hashes: list[str],
     ) -> Draft:
-        """Return the draft for this image of this patient, made from the finished job the first time."""
+        """Return the draft for this image of this patient, made from the finished job the first time.
+
+        ``image_read`` (what the worker read: study, series, instance) names the study and the instance in
+        the report and its Provenance; ``image_png`` is the picture the model saw.
+        """
         key = source_key(image_hash, study, patient_id, fhir_server)
         existing = self.find(key)
         if existing is not None:
@@ -110,10 +116,12 @@ class DraftService:
             study=study,
             media=image_ref,
             issued=now,
+            study_uid=image_read.study_uid if image_read else None,
         )
         target = f"urn:uuid:{draft_id_uuid(draft_id)}"
         model = model_identifier(job.model)
-        provenance = ai_provenance(target, model, job.model_version or "unknown", now)
+        entities = read_entities(study, image_ref, image_read)
+        provenance = ai_provenance(target, model, job.model_version or "unknown", now, entities)
         draft = Draft(
             id=draft_id,
             source_key=key,
@@ -127,13 +135,14 @@ class DraftService:
             job_id=job.id,
             model_id=model,
             model_version=job.model_version or "unknown",
-            input_hashes=input_hashes,
+            input_hashes=[image_hash],
             evidence=evidence,
             ai_text=report_text(output.findings, output.impression),
             ai_urgency=output.urgency,
             draft_report=report.model_dump(mode="json", exclude_none=True),
             ai_provenance=provenance.model_dump(mode="json", exclude_none=True),
             image_png=image_png,
+            image_read=image_read.model_dump(mode="json", exclude_none=True) if image_read else None,
             created_at=now,
         )
         try:
@@ -311,6 +320,7 @@ class DraftService:
                 (draft.model_id, draft.model_version),
                 (draft.signed_by or "", draft.signed_by_name or ""),
                 signed_at,
+                draft.ai_provenance.get("entity"),
             )
             answer = self.http.post(base, content=bundle.model_dump_json(exclude_none=True), headers=headers)
         except (httpx.HTTPError, ValueError):

@@ -47,6 +47,11 @@ class FhirReader:
         self._allowlist = allowlist
         self._allow_http_loopback = allow_http_loopback
 
+    @property
+    def access_token(self) -> str | None:
+        """The bearer token this reader sends (a worker may need it for an image on the same server)."""
+        return self._token
+
     def read(self, relative_url: str) -> tuple[dict[str, Any], float]:
         """GET ``relative_url`` under the base; return its JSON (the caller parses it) and the seconds."""
         url = urljoin(self._base, relative_url.lstrip("/"))

@@ -47,37 +47,45 @@ def is_loopback_host(host: str) -> bool:
     return address is not None and address.is_loopback
 
 
-def check_fhir_server_url(url: str, allowlist: Sequence[str], allow_http_loopback: bool) -> None:
+def check_fhir_server_url(
+    url: str,
+    allowlist: Sequence[str],
+    allow_http_loopback: bool,
+    *,
+    what: str = "fhirServer",
+    allowlist_name: str = "FHIR server allowlist",
+) -> None:
     """Return if ``url`` may be used as ``fhirServer``; raise ``BadRequest`` naming the problem otherwise.
 
-    The message never repeats the URL, which may carry credentials.
+    ``what`` and ``allowlist_name`` name the URL and the list in messages (a DICOMweb endpoint is judged by
+    the same rules against its own allowlist). The message never repeats the URL, which may carry credentials.
     """
     try:
         target = _parse(url)
     except ValueError as error:
-        raise BadRequest(f"fhirServer {error}") from None
+        raise BadRequest(f"{what} {error}") from None
     address = _ip_address(target.host)
     if target.host in _METADATA_HOSTS or address in _METADATA_ADDRESSES:
-        raise BadRequest("fhirServer points at a cloud metadata address")
+        raise BadRequest(f"{what} points at a cloud metadata address")
     if address is None and _is_legacy_ipv4(target.host):
         # Resolvers read "2852039166" or "0xa9.0xfe.0xa9.0xfe" as IPv4 addresses; only dotted-quad passes.
-        raise BadRequest("fhirServer host is a non-canonical IPv4 address")
+        raise BadRequest(f"{what} host is a non-canonical IPv4 address")
     loopback = is_loopback_host(target.host)
     # ::1 is inside the IPv6 reserved block ::/8, so loopback is excluded before the reserved test.
     if address is not None and not loopback and _is_unroutable(address):
-        raise BadRequest("fhirServer points at a link-local, multicast, reserved or unspecified address")
+        raise BadRequest(f"{what} points at a link-local, multicast, reserved or unspecified address")
     # Plain HTTP only to loopback in development, or to an origin the allowlist names with http:// itself.
     http_allowed = (loopback and allow_http_loopback) or (
         target.scheme == "http" and any(_under_prefix(target, prefix) for prefix in allowlist)
     )
     if target.scheme != "https" and not http_allowed:
-        raise BadRequest("fhirServer must use https")
+        raise BadRequest(f"{what} must use https")
     if not allowlist:
         if loopback and allow_http_loopback:
             return
-        raise BadRequest("fhirServer is not allowed: no FHIR server allowlist is configured")
+        raise BadRequest(f"{what} is not allowed: no {allowlist_name} is configured")
     if not any(_under_prefix(target, prefix) for prefix in allowlist):
-        raise BadRequest("fhirServer is not on the FHIR server allowlist")
+        raise BadRequest(f"{what} is not on the {allowlist_name}")
 
 
 def validate_allowlist(allowlist: Sequence[str]) -> None:

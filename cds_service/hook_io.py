@@ -2,64 +2,97 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-from collections.abc import Callable
 from urllib.parse import urlencode
 from urllib.parse import urljoin
+from urllib.parse import urlsplit
+from urllib.parse import urlunsplit
+
+from pydantic import SecretStr
 
 from cds_service.drafts import DraftService
+from cds_service.drafts import source_key
 from cds_service.errors import BadRequest
-from cds_service.fhir_client import FhirReader
-from cds_service.fhir_client import FhirReadError
+from cds_service.fhir_guard import check_fhir_server_url
+from cds_service.image_reads import ImageReads
 from cds_service.settings import Settings
 from cds_service.signed_links import sign_link
 from cds_service.wire import DraftRef
+from cds_service.wire import ImageRead
+from cds_service.wire import ImageReference
 from cds_service.wire import JobRecord
-from cds_service.wire import LoadedImage
 from fhir_mappings.images import ImageRejected
-from fhir_mappings.images import bytes_hash
-from fhir_mappings.images import decode_image
-from fhir_mappings.images import png_b64
-from fhir_mappings.images import square_image
+from fhir_mappings.images import ImageSource
+from fhir_mappings.images import source_hash
 from fhir_mappings.model_outputs import ImagingReadOutput
 
-# MedGemma's SigLIP encoder reads 896 x 896; sending that size keeps the job small and the read faithful.
-MODEL_IMAGE_SIZE = 896
+
+def _without_query(url: str) -> str:
+    # The guard judges where a request goes (scheme, host, port, path), not a query.
+    return urlunsplit(urlsplit(url)._replace(query="", fragment=""))
 
 
 class RecordImages:
-    """Loads an image attachment: inline data, or a URL on the request's (allowlisted) ``fhirServer``."""
+    """Names the image of a source for a worker: checked against the limits it can know, nothing decoded.
 
-    def __init__(self, settings: Settings, open_reader: Callable[[], FhirReader] | None) -> None:
+    What costs work (fetching, inflating, decoding) happens in the worker; here only what the record says:
+    inline data over the byte limit or an attachment URL off the allowlist is refused at once, with a card.
+    ``access_token`` (the EHR's, or the operator's for a precompute read) travels with the reference only
+    when the image is read through ``fhir_server``: an attachment URL, or a study whose Endpoint must be
+    read or may share the EHR's origin.
+    """
+
+    def __init__(self, settings: Settings, fhir_server: str | None, access_token: str | None) -> None:
         self.settings = settings
-        self.open_reader = open_reader
+        self.fhir_server = fhir_server.rstrip("/") if fhir_server else None
+        self.access_token = access_token
 
-    def load(self, content_type: str, data_b64: str | None, url: str | None) -> LoadedImage:
-        """Return the image squared for the model; ImageRejected saying why it can't be used."""
-        if data_b64:
-            try:
-                data = base64.b64decode(data_b64, validate=True)
-            except (binascii.Error, ValueError):
-                raise ImageRejected("attachment data is not valid base64") from None
-        elif url and self.open_reader is not None:
-            try:
-                data = self.open_reader().read_bytes(url, max_bytes=self.settings.max_image_bytes)
-            except FhirReadError as error:
-                raise ImageRejected(f"the attachment could not be fetched: {error.detail}") from None
-            except BadRequest as refused:
-                raise ImageRejected(f"the attachment URL is not allowed: {refused.message}") from None
-        else:
-            raise ImageRejected("the attachment has a URL but the request gave no fhirServer to read it from")
-        image = decode_image(
-            data,
-            content_type,
-            max_bytes=self.settings.max_image_bytes,
-            max_pixels=self.settings.max_image_pixels,
+    def reference(self, source: ImageSource) -> ImageReference:
+        """Return the reference a worker fetches the image by; ImageRejected saying why it can't be used."""
+        limit = self.settings.max_image_bytes
+        if source.data_b64:
+            # Base64 carries 3 bytes in 4 characters: the size is known without decoding anything.
+            if len(source.data_b64) // 4 * 3 > limit:
+                raise ImageRejected(f"the image is over the limit of {limit} bytes")
+            return ImageReference(
+                content_hash=source_hash(source, None),
+                resource=source.resource,
+                content_type=source.content_type,
+                data_b64=source.data_b64,
+            )
+        if not self.fhir_server:
+            raise ImageRejected("the image is not inline and the request gave no fhirServer to read it from")
+        token = SecretStr(self.access_token) if self.access_token else None
+        if source.dicom is not None:
+            study = source.dicom
+            return ImageReference(
+                content_hash=source_hash(source, self.fhir_server),
+                resource=source.resource,
+                content_type=source.content_type,
+                study_uid=study.uid,
+                endpoint_address=study.endpoint_address,
+                endpoint_ref=study.endpoint_ref,
+                series=list(study.series),
+                fhir_server=self.fhir_server,
+                access_token=token,
+            )
+        url = urljoin(self.fhir_server + "/", source.url or "")
+        try:
+            check_fhir_server_url(
+                _without_query(url),
+                self.settings.fhir_server_allowlist,
+                self.settings.fhir_allow_http_loopback,
+                what="the attachment URL",
+            )
+        except BadRequest as refused:
+            raise ImageRejected(refused.message) from None
+        return ImageReference(
+            content_hash=source_hash(source, self.fhir_server),
+            resource=source.resource,
+            content_type=source.content_type,
+            url=url,
+            fhir_server=self.fhir_server,
+            access_token=token,
         )
-        squared = square_image(image, MODEL_IMAGE_SIZE)
-        encoded = png_b64(squared)
-        return LoadedImage(png=base64.b64decode(encoded), png_b64=encoded, content_hash=bytes_hash(data))
 
 
 class StoreDraftRecorder:
@@ -73,7 +106,9 @@ class StoreDraftRecorder:
         fhir_server: str | None,
         encounter_id: str | None,
         user_id: str,
+        image_reads: ImageReads | None = None,
     ) -> None:
+        self.image_reads = image_reads
         self.drafts = drafts
         self.settings = settings
         self.patient_id = patient_id
@@ -82,23 +117,27 @@ class StoreDraftRecorder:
         self.user_id = user_id
 
     def record(
-        self, job: JobRecord, image: LoadedImage, study: str | None, image_ref: str, evidence: list[str]
+        self, job: JobRecord, image_hash: str, study: str | None, image_ref: str, evidence: list[str]
     ) -> DraftRef:
         """Return the draft for this image, creating it from the finished job the first time."""
-        draft = self.drafts.record(
-            job=job,
-            output=ImagingReadOutput.model_validate(job.result),
-            image_hash=image.content_hash,
-            image_png=image.png,
-            study=study,
-            image_ref=image_ref,
-            patient_id=self.patient_id,
-            fhir_server=self.fhir_server,
-            encounter_id=self.encounter_id,
-            requested_by=self.user_id,
-            evidence=evidence,
-            input_hashes=[image.content_hash],
-        )
+        draft = self.drafts.find(source_key(image_hash, study, self.patient_id, self.fhir_server))
+        if draft is None:
+            # Read once, when the draft is made: the picture the model saw, and where it came from.
+            read = self.image_reads.load(job.id) if self.image_reads is not None else None
+            draft = self.drafts.record(
+                job=job,
+                output=ImagingReadOutput.model_validate(job.result),
+                image_hash=image_hash,
+                image_read=read[0] if read else None,
+                image_png=read[1] if read else None,
+                study=study,
+                image_ref=image_ref,
+                patient_id=self.patient_id,
+                fhir_server=self.fhir_server,
+                encounter_id=self.encounter_id,
+                requested_by=self.user_id,
+                evidence=evidence,
+            )
         base = self.settings.public_url.rstrip("/") + "/"
         # The SMART launch URL names the draft itself: real launchers keep the app's query string but drop
         # appContext (the card carries both).
@@ -114,4 +153,5 @@ class StoreDraftRecorder:
             report=draft.draft_report,
             review_url=launch_url,
             development_url=development_url,
+            image_read=ImageRead.model_validate(draft.image_read) if draft.image_read else None,
         )

@@ -10,6 +10,7 @@ from typing import Any
 from typing import TypeVar
 
 import httpx
+import redis
 from pydantic import BaseModel
 from pydantic import ValidationError
 
@@ -18,6 +19,7 @@ from cds_service.errors import BadRequest
 from cds_service.fhir_client import FhirReader
 from cds_service.hook_io import RecordImages
 from cds_service.hook_io import StoreDraftRecorder
+from cds_service.image_reads import ImageReads
 from cds_service.prefetch import ParsedPrefetchCache
 from cds_service.prefetch import resolve_prefetch
 from cds_service.registry import ServiceDefinition
@@ -132,10 +134,12 @@ def run_service(
     drafts: DraftService | None = None,
     on_fetch: Callable[[float], None] = lambda seconds: None,
     today: date | None = None,
+    redis_client: redis.Redis | None = None,
 ) -> tuple[HookCall, HookResponse]:
     """Run one hook call end to end (after auth) and return the call and the handler's response.
 
     ``today`` is the day of the call (default: the local date), which the model's context ages the patient by.
+    ``redis_client`` is where workers leave the picture an imaging job read, for the draft it makes.
     """
     tolerated: Counter[str] = Counter()
     hook_request, context, draft_orders, appointments, unchecked = parse_hook_call(
@@ -178,9 +182,15 @@ def run_service(
         today=today or date.today(),
         public_url=settings.public_url.rstrip("/"),
         jobs=jobs,
-        images=RecordImages(settings, open_reader if fhir_server else None),
+        images=RecordImages(settings, fhir_server, token.get_secret_value() if token else None),
         drafts=StoreDraftRecorder(
-            drafts, settings, context.patient_id, fhir_server, context.encounter_id, context.user_id
+            drafts,
+            settings,
+            context.patient_id,
+            fhir_server,
+            context.encounter_id,
+            context.user_id,
+            ImageReads(redis_client, settings) if redis_client is not None else None,
         )
         if drafts is not None
         else None,

@@ -31,6 +31,7 @@ from kombu.entity import PERSISTENT_DELIVERY_MODE
 from cds_service.settings import Settings
 from cds_service.settings import purpose_key
 from cds_service.signed_links import sign_link
+from cds_service.wire import ImageReference
 from cds_service.wire import JobRecord
 from cds_service.wire import ModelJobRequest
 from cds_service.wire import ModelRole
@@ -454,7 +455,7 @@ class JobQueue:
         *,
         evidence: list[str],
         input_hashes: list[str],
-        images_b64: list[str] | None = None,
+        images: list[ImageReference] | None = None,
     ) -> JobRecord | None:
         """Enqueue the job unless it exists, wait until done or the deadline; None without Redis.
 
@@ -475,7 +476,7 @@ class JobQueue:
             revision=revision,
             system_prompt=system_prompt,
             user_prompt=user_prompt,
-            images_b64=images_b64 or [],
+            images=images or [],
             evidence=evidence,
             input_hashes=input_hashes,
             max_new_tokens=settings.max_new_tokens,

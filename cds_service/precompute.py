@@ -160,7 +160,7 @@ class Precomputer:
             unavailable=prefetched.unavailable,
             tolerated=prefetched.tolerated,
             today=self.today(),
-            images=RecordImages(self.settings, lambda: reader),
+            images=RecordImages(self.settings, fhir_base, reader.access_token),
         )
 
     def _jobs(self, service_id: str, trigger: str, requested: Requested) -> JobQueue:

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     )
     fhir_allow_http_loopback: bool = False
     """Allow plain-HTTP fhirServer URLs on loopback addresses (local development)."""
+    dicomweb_allowlist: list[str] = Field(default_factory=list)
+    """DICOMweb roots (scheme://host[:port]/path prefixes, in FHIR_SERVER_ALLOWLIST's format) workers may fetch
+    an ImagingStudy's images from; an Endpoint elsewhere gets a card instead. Empty: none. Plain HTTP only to
+    an origin an http:// entry names."""
+    dicomweb_authorization: SecretStr | None = None
+    """Authorization header value ('Basic ...' or 'Bearer ...') sent to allowlisted DICOMweb endpoints off the
+    EHR's own origin; on the EHR's origin, the hook's fhirAuthorization token is sent instead."""
     fhir_writeback_url: str | None = Field(
         default=None,
         description="FHIR base that signed reports are written to; unset: kept in the store only.",
@@ -149,9 +156,13 @@ class Settings(BaseSettings):
     max_draft_orders: int = Field(default=100, ge=1)
     """Most draft orders read from one order-select or order-sign call."""
     max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
-    """Largest image (PNG, JPEG, DICOM) read for a model job."""
+    """Largest image (PNG, JPEG, DICOM) a worker fetches for a model job, in bytes as received."""
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
-    """Most pixels an image may decode to (guards against decompression bombs)."""
+    """Most pixels one image frame may have (checked from its header, before decoding)."""
+    max_image_decoded_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Most bytes an image may decode to, all frames (or a deflated DICOM dataset inflate to: it stops there)."""
+    max_image_frames: int = Field(default=1000, ge=1)
+    """Most frames of a multi-frame image (one frame, the middle one, is decoded)."""
 
     # Worker
     task_soft_time_limit_s: int = Field(default=300, ge=5)
@@ -201,10 +212,11 @@ def load_settings() -> Settings:
     else:
         from cds_service.fhir_guard import validate_allowlist
 
-        try:
-            validate_allowlist(settings.fhir_server_allowlist)
-        except ValueError as error:
-            raise SettingsProblem(f"{ENV_PREFIX}FHIR_SERVER_ALLOWLIST: {error}") from None
+        for listed in ("fhir_server_allowlist", "dicomweb_allowlist"):
+            try:
+                validate_allowlist(getattr(settings, listed))
+            except ValueError as error:
+                raise SettingsProblem(f"{ENV_PREFIX}{listed.upper()}: {error}") from None
         return settings
     if name not in Settings.model_fields:
         raise SettingsProblem("the MEDGEMMA_CDS_* settings could not be read")

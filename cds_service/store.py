@@ -314,6 +314,8 @@ class Draft(Base):
     draft_report: Mapped[dict[str, Any]] = mapped_column(JSON)
     ai_provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
     image_png: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # What the worker read (wire.ImageRead): study, series, instance, frame, DICOMweb root.
+    image_read: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     signed_text: Mapped[str | None] = mapped_column(Text)
     signed_by: Mapped[str | None] = mapped_column(String(128))
     signed_by_name: Mapped[str | None] = mapped_column(String(256))

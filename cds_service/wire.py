@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from datetime import date
 from datetime import datetime
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Literal
 from typing import Protocol
@@ -23,9 +24,13 @@ from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import SecretStr
+from pydantic import field_serializer
 from pydantic import field_validator
 from pydantic import model_validator
 from pydantic.alias_generators import to_camel
+
+if TYPE_CHECKING:
+    from fhir_mappings.images import ImageSource
 
 FHIR_REFERENCE = r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-\.]{1,64}$"
 FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
@@ -348,8 +353,62 @@ ModelTask = Literal["patient-summary", "imaging-read", "order-review"]
 ModelRole = Literal["text", "image"]
 
 
+class DicomInstanceRef(BaseModel):
+    """An instance an ImagingStudy lists: SOP Instance UID, number, SOP class."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uid: str = Field(max_length=64)
+    number: int | None = None
+    sop_class: str | None = Field(default=None, max_length=64)
+
+
+class DicomSeriesRef(BaseModel):
+    """A series an ImagingStudy lists: UID, modality, body part, and its instances (may be none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uid: str = Field(max_length=64)
+    number: int | None = None
+    modality: str | None = Field(default=None, max_length=16)
+    body_site: str | None = Field(default=None, max_length=128)
+    instances: list[DicomInstanceRef] = Field(default_factory=list, max_length=10_000)
+
+
+class ImageReference(BaseModel):
+    """Where the image of a model job is, for the worker to fetch and decode (the API decodes nothing).
+
+    One of: ``data_b64`` (an attachment's inline data as received), ``url`` (an attachment URL, absolute),
+    or ``study_uid`` with a DICOMweb endpoint (``endpoint_address`` when the record held the Endpoint,
+    else ``endpoint_ref`` for the worker to read from ``fhir_server``). ``content_hash`` names the image's
+    content (the data as received; the URL and its resource's version; the study UID and its instance
+    list) and is what the job id hashes. ``access_token`` is the EHR's bearer token, sent only to
+    ``fhir_server``'s own origin; it reaches the worker only inside the encrypted job request (see
+    ``jobs.JobStore``), is never hashed into the job id, and goes when the request is deleted.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    content_hash: str = Field(max_length=64)
+    resource: str = Field(max_length=128)
+    content_type: str = Field(default="", max_length=128)
+    data_b64: str | None = None
+    url: str | None = Field(default=None, max_length=4096)
+    study_uid: str | None = Field(default=None, max_length=64)
+    endpoint_address: str | None = Field(default=None, max_length=4096)
+    endpoint_ref: str | None = Field(default=None, max_length=256)
+    series: list[DicomSeriesRef] = Field(default_factory=list, max_length=1000)
+    fhir_server: str | None = Field(default=None, max_length=4096)
+    access_token: SecretStr | None = None
+
+    @field_serializer("access_token", when_used="json")
+    def _reveal_token(self, token: SecretStr | None) -> str | None:
+        # Serialised only into the job request, which JobStore encrypts before it reaches Redis.
+        return token.get_secret_value() if token else None
+
+
 class ModelJobRequest(BaseModel):
-    """What a worker needs to run one model task: data only, never a token (issue: worker gets data)."""
+    """What a worker needs to run one model task: the prompts, and references to images it fetches itself."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -360,7 +419,7 @@ class ModelJobRequest(BaseModel):
     revision: str | None = None
     system_prompt: str = Field(max_length=8_000)
     user_prompt: str = Field(max_length=64_000)
-    images_b64: list[str] = Field(default_factory=list, max_length=4)
+    images: list[ImageReference] = Field(default_factory=list, max_length=4)
     evidence: list[str] = Field(default_factory=list, max_length=256)
     input_hashes: list[str] = Field(default_factory=list, max_length=256)
     max_new_tokens: int = Field(ge=16, le=8192)
@@ -374,7 +433,7 @@ class ModelJobRequest(BaseModel):
             "revision": self.revision,
             "system": self.system_prompt,
             "user": self.user_prompt,
-            "images": [hashlib.sha256(i.encode()).hexdigest() for i in self.images_b64],
+            "images": [image.content_hash for image in self.images],
             "inputs": sorted(self.input_hashes),
             "max_new_tokens": self.max_new_tokens,
         }
@@ -419,7 +478,7 @@ class ModelJobs(Protocol):
         *,
         evidence: list[str],
         input_hashes: list[str],
-        images_b64: list[str] | None = None,
+        images: list[ImageReference] | None = None,
     ) -> JobRecord | None:
         """Enqueue (or find) a model job; return its record at the hook's deadline (None: no Redis)."""
         ...
@@ -434,13 +493,23 @@ class ModelJobs(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class LoadedImage:
-    """An image read from the record: square PNG for the model and the review page, and its content hash."""
+class ImageRead(BaseModel):
+    """What a worker read for an imaging job: where the picture the model saw came from, and how.
 
-    png: bytes
-    png_b64: str
-    content_hash: str
+    ``description`` says it in words for a card ("series 2 (CR) instance 3, view PA"); the UIDs name it in
+    the report's Provenance and mark it in the viewer; ``endpoint`` is the DICOMweb root it came from.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    content_hash: str = Field(max_length=64)
+    description: str = Field(max_length=500)
+    study_uid: str | None = Field(default=None, max_length=64)
+    series_uid: str | None = Field(default=None, max_length=64)
+    instance_uid: str | None = Field(default=None, max_length=64)
+    frame: int | None = None
+    frames: int | None = None
+    endpoint: str | None = Field(default=None, max_length=4096)
 
 
 @dataclass(frozen=True)
@@ -452,13 +521,14 @@ class DraftRef:
     report: dict[str, Any]
     review_url: str
     development_url: str | None = None
+    image_read: ImageRead | None = None
 
 
 class RecordImages(Protocol):
-    """Reads an image attachment (inline or from ``fhirServer``) within the configured limits."""
+    """Turns an image in the record into a reference for the worker, within the configured limits."""
 
-    def load(self, content_type: str, data_b64: str | None, url: str | None) -> LoadedImage:
-        """Return the image, or raise ``ImageRejected`` (a ValueError) saying why not."""
+    def reference(self, source: ImageSource) -> ImageReference:
+        """Return the image's reference (nothing decoded), or raise ``ImageRejected`` saying why not."""
         ...
 
 
@@ -466,7 +536,7 @@ class DraftRecorder(Protocol):
     """Stores AI report drafts (idempotent per image and study) for clinician sign-off."""
 
     def record(
-        self, job: JobRecord, image: LoadedImage, study: str | None, image_ref: str, evidence: list[str]
+        self, job: JobRecord, image_hash: str, study: str | None, image_ref: str, evidence: list[str]
     ) -> DraftRef:
         """Return the draft for this image, creating it from the finished job the first time."""
         ...

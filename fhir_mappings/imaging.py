@@ -16,6 +16,8 @@ from fhir_mappings.ai_cards import AI_DISCLAIMER
 from fhir_mappings.ai_cards import model_source
 from fhir_mappings.images import ImageSource
 from fhir_mappings.images import image_sources
+from fhir_mappings.images import newest_first
+from fhir_mappings.images import study_sources
 from fhir_mappings.markdown import md_text
 from fhir_mappings.markdown import plain_text
 from fhir_mappings.model_outputs import ImagingReadOutput
@@ -42,21 +44,26 @@ def imaging_worklist(
 ) -> tuple[list[ImageSource], list[Any]]:
     """Return (images to read, newest first; studies with no retrievable image), leaving out reported ones."""
     covered = reported_references(reports)
-    every_source = image_sources(
+    attachments = image_sources(
         bundle_resources(media, "Media"), bundle_resources(documents, "DocumentReference")
     )
     # A report that covers an image covers that image's study too.
-    covered |= {s.study for s in every_source if s.study and s.resource in covered}
-    sources = [
-        s for s in every_source if s.resource not in covered and (s.study is None or s.study not in covered)
+    covered |= {s.study for s in attachments if s.study and s.resource in covered}
+    attachments = [
+        s for s in attachments if s.resource not in covered and (s.study is None or s.study not in covered)
     ]
-    with_image = {s.study for s in sources}
-    without_image = [
+    # A study with an image in FHIR is read from there; one without, from its PACS when DICOMweb can.
+    with_attachment = {s.study for s in attachments}
+    open_studies = [
         study
         for study in bundle_resources(studies, "ImagingStudy")
-        if reference(study) not in covered and reference(study) not in with_image
+        if reference(study) not in covered and reference(study) not in with_attachment
     ]
-    return sources, without_image
+    endpoints = {reference(e): e for e in bundle_resources(studies, "Endpoint")}
+    on_pacs = study_sources(open_studies, endpoints)
+    retrievable = {s.study for s in on_pacs}
+    without_image = [study for study in open_studies if reference(study) not in retrievable]
+    return newest_first(attachments + on_pacs), without_image
 
 
 def study_description(study: Any) -> str:
@@ -73,7 +80,8 @@ def no_image_card(study: Any) -> Card:
         summary=plain_text(f"No retrievable image for {study_description(study)}", 139),
         detail=(
             f"{md_text(reference(study))} has no image this service can read (no Media or DocumentReference "
-            "with an image attachment points at it), so no AI draft report was made."
+            "with an image attachment points at it, and no DICOMweb endpoint with the study's UID), so no AI "
+            "draft report was made."
         ),
         indicator="info",
         source=Source(label="MedGemma CDS"),
@@ -81,9 +89,9 @@ def no_image_card(study: Any) -> Card:
 
 
 def unreadable_image_card(source: ImageSource, reason: str) -> Card:
-    """Return the warning card for an image attachment that could not be read."""
+    """Return the warning card for an image that could not be fetched, was over a limit or undecodable."""
     return Card(
-        summary="An imaging attachment could not be read for AI drafting",
+        summary="An image could not be read for AI drafting",
         detail=f"{md_text(source.resource)}: {md_text(reason)}. No AI draft report was made.",
         indicator="warning",
         source=Source(label="MedGemma CDS"),
@@ -97,12 +105,14 @@ def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: Draf
     """
     if draft.status != "draft":
         return None
+    read = [f"**Image read:** {md_text(draft.image_read.description)}"] if draft.image_read else []
     return Card(
         summary=f"AI draft imaging report ready for review ({output.urgency})"[:139],
         detail="\n\n".join(
             [
                 f"**Impression (AI draft):** {md_text(output.impression)}",
                 f"**Findings (AI draft):** {md_text(output.findings)}",
+                *read,
                 AI_DISCLAIMER,
             ]
         ),

@@ -300,25 +300,64 @@ class Observation(Resource):
     component: Many[ObservationComponent] = []
 
 
-class ImagingSeries(Element):
-    """ImagingStudy.series: modality and body site."""
+class Meta(Element):
+    """Resource.meta: the version a change of content shows in."""
 
+    versionId: Text = None
+    lastUpdated: Text = None
+
+
+class Identifier(Element):
+    """A FHIR Identifier."""
+
+    system: Text = None
+    value: Text = None
+
+
+class ImagingInstance(Element):
+    """ImagingStudy.series.instance: its SOP Instance UID, number and SOP class."""
+
+    uid: Text = None
+    number: One[int] = None
+    sopClass: One[Coding] = None
+
+
+class ImagingSeries(Element):
+    """ImagingStudy.series: UID, modality, body site, the PACS endpoint that holds it, its instances."""
+
+    uid: Text = None
+    number: One[int] = None
     modality: One[Coding] = None
     bodySite: One[Coding] = None
+    description: Text = None
+    endpoint: Many[Reference] = []
+    instance: Many[ImagingInstance] = []
 
 
 class ImagingStudy(Resource):
-    """ImagingStudy: a study that may need a report."""
+    """ImagingStudy: a study that may need a report, and where its images are (``endpoint``)."""
 
+    meta: One[Meta] = None
+    identifier: Many[Identifier] = []
     status: Text = None
     subject: One[Reference] = None
     started: Text = None
+    endpoint: Many[Reference] = []
     series: Many[ImagingSeries] = []
+
+
+class Endpoint(Resource):
+    """Endpoint: a PACS's DICOMweb root (``connectionType`` dicom-wado-rs, ``address``)."""
+
+    status: Text = None
+    connectionType: One[Coding] = None
+    address: Text = None
 
 
 class Media(Resource):
     """Media (R4): an image attachment, possibly part of an ImagingStudy."""
 
+    meta: One[Meta] = None
     status: Text = None
     subject: One[Reference] = None
     content: One[Attachment] = None
@@ -342,6 +381,7 @@ class DocumentContext(Element):
 class DocumentReference(Resource):
     """DocumentReference: a document whose attachment may be an image."""
 
+    meta: One[Meta] = None
     status: Text = None
     subject: One[Reference] = None
     date: Text = None
@@ -445,6 +485,7 @@ READ_MODELS: dict[str, type[Resource]] = {
         AllergyIntolerance,
         Observation,
         ImagingStudy,
+        Endpoint,
         Media,
         DocumentReference,
         DiagnosticReport,

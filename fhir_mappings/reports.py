@@ -14,6 +14,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.provenance import Provenance
 
+from cds_service.wire import ImageRead
 from fhir_mappings.model_outputs import ImagingReadOutput
 
 DRAFT_IDENTIFIER_SYSTEM = "urn:medgemma-cds:draft-report"
@@ -41,6 +42,35 @@ def _text_attachment(text: str, title: str) -> dict[str, Any]:
     }
 
 
+def dicom_uid_identifier(uid: str) -> dict[str, str]:
+    """Return a DICOM UID as a FHIR Identifier (system ``urn:dicom:uid``, value ``urn:oid:`` + UID)."""
+    return {"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}
+
+
+def read_entities(study: str | None, image_ref: str | None, read: ImageRead | None) -> list[dict[str, Any]]:
+    """Return the Provenance entities of what the model read: the study (reference and Study Instance
+    UID), the instance (SOP Instance UID, described), or the resource holding an attached image."""
+    entities: list[dict[str, Any]] = []
+    if study or (read and read.study_uid):
+        what: dict[str, Any] = {"reference": study} if study else {}
+        if read and read.study_uid:
+            what["identifier"] = dicom_uid_identifier(read.study_uid)
+        entities.append({"role": "source", "what": what})
+    if read and read.instance_uid:
+        entities.append(
+            {
+                "role": "source",
+                "what": {
+                    "identifier": dicom_uid_identifier(read.instance_uid),
+                    "display": f"Instance read: {read.description}"[:500],
+                },
+            }
+        )
+    elif image_ref and image_ref != study:
+        entities.append({"role": "source", "what": {"reference": image_ref}})
+    return entities
+
+
 def draft_report(
     output: ImagingReadOutput,
     *,
@@ -50,6 +80,7 @@ def draft_report(
     study: str | None,
     media: str | None,
     issued: datetime,
+    study_uid: str | None = None,
 ) -> DiagnosticReport:
     """Return the preliminary DiagnosticReport for an AI image read (status preliminary)."""
     data: dict[str, Any] = {
@@ -80,14 +111,23 @@ def draft_report(
     if encounter_id:
         data["encounter"] = {"reference": f"Encounter/{encounter_id}"}
     if study:
-        data["imagingStudy"] = [{"reference": study}]
+        data["imagingStudy"] = [
+            {"reference": study} | ({"identifier": dicom_uid_identifier(study_uid)} if study_uid else {})
+        ]
     if media and media.startswith("Media/"):
         data["media"] = [{"link": {"reference": media}}]
     return DiagnosticReport.model_validate(data)
 
 
-def ai_provenance(target: str, model_id: str, model_version: str, recorded: datetime) -> Provenance:
-    """Return the Provenance of an AI draft: the model (a contained Device) authored it."""
+def ai_provenance(
+    target: str,
+    model_id: str,
+    model_version: str,
+    recorded: datetime,
+    entities: list[dict[str, Any]] | None = None,
+) -> Provenance:
+    """Return the Provenance of an AI draft: the model (a contained Device) authored it from ``entities``
+    (``read_entities``: the study and instance it read)."""
     return Provenance.model_validate(
         {
             "resourceType": "Provenance",
@@ -109,6 +149,7 @@ def ai_provenance(target: str, model_id: str, model_version: str, recorded: date
                     "who": {"reference": "#model", "display": f"{model_id} {model_version}"[:200]},
                 }
             ],
+            "entity": entities or None,
         }
     )
 
@@ -164,6 +205,7 @@ def writeback_bundle(
     model: tuple[str, str],
     practitioner: tuple[str, str],
     at: datetime,
+    entities: list[dict[str, Any]] | None = None,
 ) -> Bundle:
     """Return the transaction that writes a signed report and both Provenances.
 
@@ -182,7 +224,7 @@ def writeback_bundle(
             },
         },
         {
-            "resource": ai_provenance(report_url, model[0], model[1], at).model_dump(
+            "resource": ai_provenance(report_url, model[0], model[1], at, entities).model_dump(
                 mode="json", exclude_none=True
             ),
             "request": {"method": "POST", "url": "Provenance"},

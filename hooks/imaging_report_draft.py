@@ -7,10 +7,11 @@ from cds_service.registry import service
 from cds_service.wire import Card
 from cds_service.wire import HookCall
 from cds_service.wire import HookResponse
+from cds_service.wire import ImageReference
 from cds_service.wire import JobRecord
-from cds_service.wire import LoadedImage
 from fhir_mappings.ai_cards import guarded_ai_cards
 from fhir_mappings.ai_cards import job_cards
+from fhir_mappings.images import IMAGE_NOT_READ
 from fhir_mappings.images import ImageRejected
 from fhir_mappings.images import ImageSource
 from fhir_mappings.imaging import describe_source
@@ -25,17 +26,18 @@ from fhir_mappings.prompts import imaging_prompt
 
 def request_imaging_job(
     call: HookCall, source: ImageSource
-) -> tuple[LoadedImage, list[str], JobRecord | None]:
+) -> tuple[ImageReference, list[str], JobRecord | None]:
     """Ask for the imaging-read job of ``source`` (the newest unreported image), the one this service's chart
-    open asks for; return the image, the evidence and the job. ImageRejected when the image can't be used."""
+    open asks for; return the image's reference, the evidence and the job. ImageRejected when the record
+    already shows the image can't be used (over the byte limit, a URL off the allowlist)."""
     if call.images is None or call.jobs is None:
         raise ImageRejected("this call can read no images")
-    image = call.images.load(source.content_type, source.data_b64, source.url)
+    image = call.images.reference(source)
     evidence = [ref for ref in (source.resource, source.study) if ref]
     prompt = imaging_prompt(describe_source(source, call.prefetch["studies"]))
     job = call.jobs.for_service("imaging-report-draft").request(
         "imaging-read", "image", SYSTEM_PROMPT, prompt,
-        evidence=evidence, input_hashes=[image.content_hash], images_b64=[image.png_b64],
+        evidence=evidence, input_hashes=[image.content_hash], images=[image],
     )  # fmt: skip
     return image, evidence, job
 
@@ -70,9 +72,12 @@ def imaging_report_draft(call: HookCall) -> HookResponse:
 
         def draft_card(finished: JobRecord) -> Card | None:
             output = ImagingReadOutput.model_validate(finished.result)
-            draft = drafts.record(finished, image, source.study, source.resource, evidence)
+            draft = drafts.record(finished, image.content_hash, source.study, source.resource, evidence)
             return imaging_draft_card(output, finished, draft)
 
+        # The worker fetches and decodes the image: one it could not read fails the job, and says why here.
+        if job is not None and job.state == "failed" and (job.error or "").startswith(IMAGE_NOT_READ):
+            return [unreadable_image_card(source, (job.error or "").removeprefix(IMAGE_NOT_READ))]
         return job_cards(job, "Imaging report draft", call.jobs.job_url, draft_card)
 
     return HookResponse(cards=cards + guarded_ai_cards(call.service_id, ai_cards))

@@ -293,6 +293,7 @@ def record_draft(
         job=job,
         output=output,
         image_hash=image_hash,
+        image_read=None,
         image_png=b"\x89PNG",
         study=study,
         image_ref=image_ref,
@@ -301,5 +302,4 @@ def record_draft(
         encounter_id=None,
         requested_by="Practitioner/requester",
         evidence=[image_ref],
-        input_hashes=[image_hash],
     )

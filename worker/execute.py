@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from PIL import Image
 from pydantic import BaseModel
 
 from cds_service.settings import Settings
 from cds_service.wire import ModelJobRequest
+from fhir_mappings.images import IMAGE_NOT_READ
+from fhir_mappings.images import ImageRejected
 from fhir_mappings.model_outputs import ImagingReadOutput
 from fhir_mappings.model_outputs import OrderReviewOutput
 from fhir_mappings.model_outputs import PatientSummaryOutput
 from worker.batching import DynamicBatcher
+from worker.images import ReadImage
+from worker.images import read_image
 from worker.runtime import GenerationRequest
 from worker.runtime import ModelRuntime
 from worker.runtime import load_runtime
@@ -52,23 +54,26 @@ def model_for(settings: Settings, model: str, revision: str | None) -> tuple[Mod
         return _loaded[(model, revision)]
 
 
-def decode_image(data_b64: str, max_pixels: int) -> Image.Image:
-    """Return an RGB image from base64 PNG/JPEG bytes, refusing decompression bombs."""
-    image = Image.open(io.BytesIO(base64.b64decode(data_b64, validate=True)))
-    # Image.open reads only the header: the size is known before any pixel is decoded.
-    if image.width * image.height > max_pixels:
-        raise ValueError(f"image has {image.width * image.height} pixels, over the limit of {max_pixels}")
-    return image.convert("RGB")
+def execute_job(
+    settings: Settings, request: ModelJobRequest, on_read: Callable[[ReadImage], None] = lambda read: None
+) -> dict[str, Any]:
+    """Return the job record fields for a finished job: done with result, or failed with the reason.
 
-
-def execute_job(settings: Settings, request: ModelJobRequest) -> dict[str, Any]:
-    """Return the job record fields for a finished job: done with result, or failed with the reason."""
+    Images are fetched and decoded first, before any model is loaded; ``on_read`` hears of each one. An
+    image that can't be read fails the job with ``IMAGE_NOT_READ`` and the reason, which the hook shows.
+    """
+    try:
+        images = [read_image(settings, reference) for reference in request.images]
+    except ImageRejected as rejected:
+        return {"state": "failed", "error": f"{IMAGE_NOT_READ}{rejected}"}
+    for image in images:
+        on_read(image)
     runtime, batcher = model_for(settings, request.model, request.revision)
     generation = GenerationRequest(
         system_prompt=request.system_prompt,
         user_text=request.user_prompt,
         output_schema=OUTPUT_SCHEMAS[request.task],
-        images=[decode_image(b64, settings.max_image_pixels) for b64 in request.images_b64],
+        images=[image.image for image in images],
         max_new_tokens=request.max_new_tokens,
     )
     result = batcher.submit(generation)

@@ -10,11 +10,13 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
+from cds_service.image_reads import ImageReads
 from cds_service.jobs import TASK_NAME
 from cds_service.jobs import JobRequestUnreadable
 from cds_service.jobs import JobStore
 from cds_service.jobs import job_request_key
 from cds_service.settings import Settings
+from worker.images import ReadImage
 
 log = logging.getLogger(__name__)
 # A job that kills its worker every time (a poison input) is given up after this many deliveries.
@@ -39,8 +41,14 @@ def run_model_job(settings: Settings, store: JobStore, job_id: str) -> None:
         return
     from worker.execute import execute_job
 
+    reads = ImageReads(store.redis, settings)
+
+    def keep(image: ReadImage) -> None:
+        # Stored before the result: a hook that sees the job done finds the picture the model read.
+        reads.save(job_id, image.read, image.png)
+
     try:
-        fields = execute_job(settings, request)
+        fields = execute_job(settings, request, keep)
     except SoftTimeLimitExceeded:
         fields = {"state": "failed", "error": "model task exceeded its time limit"}
     except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, which the hook then reports

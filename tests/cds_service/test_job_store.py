@@ -16,12 +16,14 @@ from cds_service.jobs import JobStore
 from cds_service.jobs import TaskMessages
 from cds_service.jobs import job_request_key
 from cds_service.settings import Settings
+from cds_service.wire import ImageReference
 from cds_service.wire import ModelJobRequest
 from worker.celery_app import make_celery
 from worker.tasks import run_model_job
 
 PROMPT = "Patient reports chest pain radiating to the left arm; history of myocardial infarction"
 IMAGE_BYTES = b"\x89PNG fake pixels of a chest radiograph"
+EHR_TOKEN = "ehr-token-for-the-same-origin-pacs"
 
 
 def job_request(note: str) -> ModelJobRequest:
@@ -33,7 +35,16 @@ def job_request(note: str) -> ModelJobRequest:
         model="google/medgemma-4b-it",
         system_prompt="You are a radiologist.",
         user_prompt=f"{PROMPT} ({note})",
-        images_b64=[base64.b64encode(IMAGE_BYTES).decode()],
+        images=[
+            ImageReference(
+                content_hash=note,
+                resource="Media/m1",
+                content_type="image/png",
+                data_b64=base64.b64encode(IMAGE_BYTES).decode(),
+                fhir_server="https://ehr.test/fhir",
+                access_token=SecretStr(EHR_TOKEN),
+            )
+        ],
         evidence=["Patient/p1"],
         input_hashes=[note],
         max_new_tokens=64,
@@ -54,7 +65,16 @@ def test_the_stored_request_holds_no_clinical_text_or_image_in_clear(
     assert created is not None
     raw = redis_client.hgetall(JobStore.key(job_id))
     dump = b"".join(key + value for key, value in raw.items())
-    for clear in (b"chest pain", b"myocardial", b"radiologist", request.images_b64[0].encode(), IMAGE_BYTES):
+    image = request.images[0].data_b64 or ""
+    clear_texts = (
+        b"chest pain",
+        b"myocardial",
+        b"radiologist",
+        image.encode(),
+        IMAGE_BYTES,
+        EHR_TOKEN.encode(),
+    )
+    for clear in clear_texts:
         assert clear not in dump
     assert raw[b"state"] == b"queued" and raw[b"service_id"] == b"imaging-report-draft"
     assert 0 < redis_client.ttl(JobStore.key(job_id)) <= 600
@@ -64,6 +84,10 @@ def test_request_of_returns_the_request_as_created(store: JobStore, settings: Se
     request = job_request(str(uuid.uuid4()))
     job_id, _ = store.create(request)
     assert store.request_of(job_id) == request
+    # The EHR's token survives the trip (encrypted), for the worker to fetch with on the EHR's origin.
+    stored = store.request_of(job_id)
+    assert stored is not None and stored.images[0].access_token == SecretStr(EHR_TOKEN)
+    assert EHR_TOKEN not in repr(stored) and EHR_TOKEN not in str(stored.model_dump())
     # A worker builds its own store from the same settings: it derives the same key and reads it too.
     worker_store = JobStore(
         redis.Redis.from_url(settings.redis_url), 600, request_key=job_request_key(settings)
