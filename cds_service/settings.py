@@ -99,9 +99,9 @@ class Settings(BaseSettings):
     fhir_allow_http_loopback: bool = False
     """Allow plain-HTTP fhirServer URLs on loopback addresses (local development)."""
     dicomweb_allowlist: list[str] = Field(default_factory=list)
-    """DICOMweb roots (scheme://host[:port]/path prefixes, in FHIR_SERVER_ALLOWLIST's format) workers may fetch
-    an ImagingStudy's images from; an Endpoint elsewhere gets a card instead. Empty: none. Plain HTTP only to
-    an origin an http:// entry names."""
+    """DICOMweb roots (scheme://host[:port]/path prefixes, in FHIR_SERVER_ALLOWLIST's format) workers may
+    fetch an ImagingStudy's images from; an Endpoint elsewhere gets a card instead. Empty: none. Plain HTTP
+    only to an origin an http:// entry names."""
     dicomweb_authorization: SecretStr | None = None
     """Authorization header value ('Basic ...' or 'Bearer ...') sent to allowlisted DICOMweb endpoints off the
     EHR's own origin; on the EHR's origin, the hook's fhirAuthorization token is sent instead."""
@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
     """Most pixels one image frame may have (checked from its header, before decoding)."""
     max_image_decoded_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
-    """Most bytes an image may decode to, all frames (or a deflated DICOM dataset inflate to: it stops there)."""
+    """Most bytes an image may decode to, all frames (a deflated DICOM dataset stops inflating there)."""
     max_image_frames: int = Field(default=1000, ge=1)
     """Most frames of a multi-frame image (one frame, the middle one, is decoded)."""
 
