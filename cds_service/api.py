@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import UTC
 from typing import Any
 
+import orjson
 from flask import Blueprint
 from flask import Response
 from flask import current_app
@@ -48,12 +48,12 @@ def read_json_body() -> Any:
     mimetype = request.mimetype or ""
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
+    raw = request.get_data(cache=False)
     try:
-        text = request.get_data(cache=False).decode()
-        body = json.loads(text)
-    except (ValueError, RecursionError):
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         raise BadRequest("body is not valid JSON") from None
-    problem = json_problem(text, body, services().settings.max_json_depth)
+    problem = json_problem(raw, body, services().settings.max_json_depth)
     if problem:
         raise BadRequest(problem)
     if not isinstance(body, dict):

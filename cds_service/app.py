@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from datetime import date
 
 import httpx
+import orjson
 import redis
 from flask import Flask
+from flask.json.provider import JSONProvider
 from flask_cors import CORS
 
 from cds_service.auth import JwtVerifier
@@ -57,6 +59,18 @@ class NoTrustedIssuers:
         """Refuse: with no trusted issuer no token can be valid."""
         log.warning("refused a call: no trusted issuers are configured (MEDGEMMA_CDS_TRUSTED_ISSUERS)")
         raise Unauthorized("Unauthorized")
+
+
+class OrjsonProvider(JSONProvider):
+    """Flask's JSON (``jsonify``, ``request.get_json``) through orjson: keys as given, a tenth of the CPU."""
+
+    def dumps(self, obj: object, **kwargs: object) -> str:
+        """Return ``obj`` as compact JSON text."""
+        return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+    def loads(self, s: str | bytes, **kwargs: object) -> object:
+        """Return the value the JSON text holds."""
+        return orjson.loads(s)
 
 
 @dataclass(frozen=True)
@@ -119,7 +133,7 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
     validate_allowlist(settings.fhir_server_allowlist)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = OrjsonProvider(app)
 
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     store = Store(settings.database_url)

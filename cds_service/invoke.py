@@ -47,15 +47,15 @@ def validate(model: type[Model], data: Any, prefix: str = "") -> Model:
         raise BadRequest(f"invalid request: {fields}", details=details) from None
 
 
-def json_problem(text: str, value: Any, max_depth: int) -> str | None:
+def json_problem(raw: bytes, value: Any, max_depth: int) -> str | None:
     """Return what makes parsed JSON unacceptable (too deep, a NUL in a string), or None.
 
-    ``text`` is the JSON as received, ``value`` what it parsed to. Walked iteratively, so hostile nesting
+    ``raw`` is the JSON as received, ``value`` what it parsed to. Walked iteratively, so hostile nesting
     can't blow the stack; only containers are visited for the depth. NUL (U+0000) is refused because FHIR
     strings forbid control characters and PostgreSQL text can't hold it: JSON can only carry it escaped
     (``\\u0000``; a raw control character doesn't parse), so strings are searched only when the text has one.
     """
-    search_strings = "\\u0000" in text
+    search_strings = b"\\u0000" in raw
     if type(value) is str:
         return "JSON strings must not contain NUL (U+0000)" if "\x00" in value else None
     stack = [(value, 1)] if type(value) is dict or type(value) is list else []

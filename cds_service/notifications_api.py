@@ -75,7 +75,7 @@ def _body() -> dict[str, Any] | None:
         body = json.loads(text)
     except (ValueError, RecursionError):
         raise BadRequest("the notification body is not valid JSON") from None
-    problem = json_problem(text, body, current_app.extensions["cds"].settings.max_json_depth)
+    problem = json_problem(text.encode(), body, current_app.extensions["cds"].settings.max_json_depth)
     if problem:
         raise BadRequest(problem)
     if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):

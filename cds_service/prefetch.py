@@ -7,7 +7,6 @@ A key the EHR sent is used as sent (``null`` = "no data", never refetched); a ke
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import threading
 from collections import Counter
@@ -17,6 +16,8 @@ from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from cds_service.errors import BadRequest
 from cds_service.errors import PrefetchFailed
@@ -103,8 +104,7 @@ class ParsedPrefetchCache:
         """Return the read value; ValueError when it is not a FHIR resource at all."""
         # Keys in the order received: the same JSON resent hits, the same content reordered just misses (a
         # sorted dump costs three times as much, on every new chart).
-        text = json.dumps(data, separators=(",", ":"))
-        digest = hashlib.sha256(text.encode()).hexdigest()
+        digest = hashlib.sha256(orjson.dumps(data)).hexdigest()
         with self._lock:
             if digest in self._entries:
                 self._entries.move_to_end(digest)
