@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 import httpx
 import orjson
@@ -93,6 +94,18 @@ class Services:
     today: Callable[[], date] = date.today
 
 
+def off_the_loop() -> Callable[[Callable[[Any], None], Any], None] | None:
+    """Under gevent's monkey-patching, return what runs a blocking call on gevent's pool of real threads
+    (the greenlet waits, the loop serves other requests meanwhile); None where threads are real already."""
+    from gevent import monkey
+
+    if not monkey.is_module_patched("threading"):
+        return None
+    import gevent
+
+    return lambda call, argument: gevent.get_hub().threadpool.apply(call, (argument,))
+
+
 def build_verifier(
     settings: Settings, redis_client: redis.Redis
 ) -> JwtVerifier | AuthDisabled | NoTrustedIssuers:
@@ -155,7 +168,7 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
         verifier=build_verifier(settings, redis_client),
         jobs=JobStore(redis_client, settings.result_ttl_s, request_key=job_request_key(settings)),
         capacity=Capacity(redis_client),
-        audit=AuditWriter(store, purpose_key(settings, "audit-patient-hash")),
+        audit=AuditWriter(store, purpose_key(settings, "audit-patient-hash"), run_blocking=off_the_loop()),
         drafts=DraftService(store, settings, http),
         task_messages=TaskMessages(make_celery(settings)),
         today=today or date.today,

@@ -71,6 +71,13 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("worker_class", args.worker_class)
             self.cfg.set("threads", args.threads)
             self.cfg.set("worker_connections", args.connections)
+            if args.worker_class == "gevent":
+                # One request per connection ("Connection: close"): a gevent worker only accepts while its
+                # hub is free, so each request goes to a process that is not busy with another one. Kept
+                # alive, a connection stays with the process that first accepted it however busy that one
+                # is, and the unlucky connections' requests queue behind a whole process's share of the load
+                # (the tail measured in docs/benchmarks.md). gunicorn already accepts one at a time per wake.
+                self.cfg.set("keepalive", 0)
             self.cfg.set("post_worker_init", lambda worker: tune_gc())
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
@@ -367,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--worker-class", choices=["gevent", "gthread"], default="gevent", help="gunicorn worker type"
     )
-    p.add_argument("--connections", type=int, default=1000, help="concurrent requests per gevent worker")
+    p.add_argument("--connections", type=int, default=100, help="concurrent requests per gevent worker")
     p.add_argument("--threads", type=int, default=8, help="threads per gthread worker")
     p.set_defaults(func=serve)
 

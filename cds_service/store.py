@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
@@ -184,6 +185,9 @@ class Store:
             session.execute(insert(HookAudit), rows)
 
 
+Rows = list[dict[str, Any]]
+
+
 class AuditWriter:
     """Hook audit rows written in batches by a background thread, never on the request path.
 
@@ -194,8 +198,16 @@ class AuditWriter:
     store's connection pool) doesn't outlive the app that made it.
     """
 
-    def __init__(self, store: Store, patient_hash_key: bytes) -> None:
+    def __init__(
+        self,
+        store: Store,
+        patient_hash_key: bytes,
+        run_blocking: Callable[[Callable[[Rows], None], Rows], None] | None = None,
+    ) -> None:
         self.store = store
+        # How the writer runs a batch's database call: in place, or (under gevent, where this "thread" is a
+        # greenlet on the request loop) on a real thread, so an insert or a SQLite busy wait never stalls it.
+        self._run_blocking = run_blocking or (lambda write, rows: write(rows))
         self._patient_hash_key = patient_hash_key
         self._rows: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -271,7 +283,7 @@ class AuditWriter:
                     rows.append(self._rows.get(timeout=left))
                 except queue.Empty:
                     break
-            self._write(rows)
+            self._run_blocking(self._write, rows)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
