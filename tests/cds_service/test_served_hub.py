@@ -4,7 +4,7 @@ A dedicated ``medgemma-cds serve`` (gevent workers, SQLite store) with gevent's 
 any greenlet that keeps the loop for a second (a CPU-bound hook takes milliseconds). Sixteen connections send
 new charts; meanwhile the test holds SQLite's write lock for a few seconds, so every audit batch waits on
 it. Hooks must go on being answered while it is held (the wait runs on a real thread) and no report may
-appear. No timing assert: counts of answers and the monitor's reports only.
+appear once the workers serve. No timing assert: counts of answers and the monitor's reports only.
 """
 
 from __future__ import annotations
@@ -118,5 +118,8 @@ def test_16_connections_of_new_charts_never_block_the_loop_even_with_the_audit_d
             break
         time.sleep(0.2)
     assert rows >= len(answered)
-    log = log_path.read_text()
-    assert BLOCKED_REPORT not in log, log[log.find(BLOCKED_REPORT) - 200 :][:3000]
+    # A worker loading the app (before it serves) may take the loop for a while; nothing after may.
+    reports = log_path.read_text().split("=" * 80)[1:]
+    stacks = [report.split("Info:")[0] for report in reports if BLOCKED_REPORT in report]
+    serving = [stack for stack in stacks if "load_wsgi" not in stack]
+    assert not serving, serving[0][-3000:]
