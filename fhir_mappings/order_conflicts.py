@@ -519,6 +519,7 @@ def _active_medication_cards(checked: list[CheckedOrder], medications: Any) -> l
         )
     unresolved: list[str] = []
     unknown: list[str] = []
+    read_as: list[str] = []
     for active in active_medication_requests(medications):
         active_concept, why = ordered_drug(active, medications)
         if active_concept is None:
@@ -528,6 +529,8 @@ def _active_medication_cards(checked: list[CheckedOrder], medications: Any) -> l
         active_identity = identify(active_concept)
         if not active_identity.recognised:
             unknown.append(active_name)
+        elif active_identity.read_as:
+            read_as.append(f"'{active_name}' as {', '.join(name for _, name in active_identity.read_as)}")
         for entry in checked:
             if entry.order.id and active.id == entry.order.id:
                 continue
@@ -553,6 +556,19 @@ def _active_medication_cards(checked: list[CheckedOrder], medications: Any) -> l
                 f"active {quoted}",
                 "these name no medication this service knows, so interactions with them were not checked",
                 indicator="info",
+            )
+        )
+    if read_as:
+        cards.append(
+            Card(
+                summary=plain_text(f"Read as: active {'; '.join(read_as)}", 139),
+                detail=(
+                    f"Active medications not named as this service knows them were read as near misspellings "
+                    f"({md_text('; '.join(read_as))}) and checked as that. Correct the list if that is wrong."
+                ),
+                indicator="info",
+                source=_source("read-as", "Medication name read as"),
+                override_reasons=NOT_CHECKED_OVERRIDES,
             )
         )
     return cards

@@ -1,9 +1,12 @@
-"""Property: however an EHR bends a conflicting order or its allergy, the answer says so or "not checked".
+"""Property: however an EHR bends a conflicting order, its allergy or the active list, or writes the drugs,
+the answer says so or "not checked".
 
 From a valid order-select (and order-sign) body where amoxicillin meets a penicillin allergy, random
 deviations are applied: any element dropped, lists wrapped or unwrapped, unknown elements and extensions
 added, the medication moved into a contained Medication or a draftOrders entry. Every answer must be 200
-with the conflict card or a "not checked" card, never neither.
+with the conflict card or a "not checked" card, never neither. Likewise for interacting pairs whose names
+vary (case, salt, strength, form, a one-letter slip) and whose active drug is listed by concept, by an
+included or an unresolved reference, among other drugs, on a first page of several.
 """
 
 from __future__ import annotations
@@ -156,3 +159,120 @@ def test_a_conflict_is_never_silent(client, issuer, case, hook) -> None:
     assert response.status_code == 200, response.json
     cards = response.json["cards"]
     assert any(is_conflict_or_not_checked(card) for card in cards), (order, allergy, cards)
+
+
+#: Interacting pairs (ordered drug, active drug): what the EHR calls them varies, the interaction must not.
+PAIRS = [
+    ("Clarithromycin", "Simvastatin"),
+    ("Ibuprofen", "Warfarin"),
+    ("Sertraline", "Phenelzine"),
+    ("Sildenafil", "Isosorbide mononitrate"),
+]
+
+
+@st.composite
+def drug_text(draw: st.DrawFn, name: str) -> str:
+    """Return a drug name as EHRs write it: any case, a salt, a strength, a form, maybe a one-letter slip."""
+    if draw(st.booleans()) and len(name) >= 9:
+        index = draw(st.integers(min_value=2, max_value=len(name) - 2))
+        slip = draw(st.sampled_from(["drop", "double", "swap"]))
+        if slip == "drop":
+            name = name[:index] + name[index + 1 :]
+        elif slip == "double":
+            name = name[:index] + name[index] + name[index:]
+        else:
+            name = name[:index] + name[index + 1] + name[index] + name[index + 2 :]
+    name = draw(st.sampled_from([name, name.upper(), name.lower(), name.title()]))
+    salt = draw(st.sampled_from(["", " hydrochloride", " HCl", " sodium"]))
+    strength = draw(st.sampled_from(["", " 500 mg", " 20MG", " 0.5 mg/mL", " 10 MG"]))
+    form = draw(st.sampled_from(["", " tablet", " Oral Tablet", " ER capsule", " oral suspension"]))
+    return f"{name}{salt}{strength}{form}".strip()
+
+
+@st.composite
+def active_list(draw: st.DrawFn, active: str) -> tuple[dict[str, Any], bool]:
+    """Return a medications Bundle holding ``active`` among unrelated drugs (by concept or reference, maybe
+    paged), and whether the active drug is readable at all (an unresolved reference is not)."""
+    text = draw(drug_text(active))
+    concept = {"text": text}
+    entry: dict[str, Any] = {"resourceType": "MedicationRequest", "id": "a1", "status": "active"}
+    entries: list[dict[str, Any]] = []
+    readable = True
+    how = draw(st.sampled_from(["concept", "included", "unresolved"]))
+    if how == "concept":
+        entry["medicationCodeableConcept"] = concept
+    else:
+        entry["medicationReference"] = {"reference": "Medication/med-a1"}
+        if how == "included":
+            medication = {"resourceType": "Medication", "id": "med-a1", "code": concept}
+            entries.append({"resource": medication, "search": {"mode": "include"}})
+        else:
+            readable = False
+    others = [
+        {
+            "resourceType": "MedicationRequest",
+            "id": f"o{i}",
+            "status": "active",
+            "medicationCodeableConcept": {"text": t},
+        }
+        for i, t in enumerate(
+            draw(
+                st.lists(
+                    st.sampled_from(["Amlodipine 5 mg", "Levothyroxine 50 mcg", "Metformin 500 mg"]),
+                    max_size=3,
+                )
+            )
+        )
+    ]
+    position = draw(st.integers(min_value=0, max_value=len(others)))
+    resources = others[:position] + [entry] + others[position:]
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources] + entries,
+    }
+    if draw(st.booleans()):
+        bundle["total"] = len(resources) + 20
+        bundle["link"] = [{"relation": "next", "url": "https://ehr.example/fhir/MedicationRequest?page=2"}]
+    return bundle, readable
+
+
+def interaction_or_not_checked(cards: list[dict[str, Any]]) -> bool:
+    topics = {card["source"].get("topic", {}).get("code") for card in cards}
+    return bool(topics & {"drug-interaction", "not-checked", "read-as"})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), pair=st.sampled_from(PAIRS), hook=st.sampled_from(["order-select", "order-sign"]))
+def test_an_interaction_is_never_silent_however_drugs_are_written_or_listed(
+    client, issuer, data, pair, hook
+) -> None:
+    ordered, active = pair
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "d1",
+        "status": "draft",
+        "intent": "order",
+        "medicationCodeableConcept": {"text": data.draw(drug_text(ordered))},
+    }
+    medications, readable = data.draw(active_list(active))
+    path = "/cds-services/order-review" if hook == "order-select" else "/cds-services/order-sign-review"
+    context: dict[str, Any] = {
+        "userId": "Practitioner/COREPRACTITIONER1",
+        "patientId": "p1",
+        "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": order}]},
+    }
+    if hook == "order-select":
+        context["selections"] = ["MedicationRequest/d1"]
+    body = {
+        "hook": hook,
+        "hookInstance": str(uuid.uuid4()),
+        "context": context,
+        "prefetch": {"allergies": None, "medications": medications},
+    }
+    response = client.post(path, json=body, headers=issuer.headers(path))
+    assert response.status_code == 200, response.json
+    cards = response.json["cards"]
+    assert interaction_or_not_checked(cards), (order, medications, cards)
+    if not readable or "link" in medications:
+        assert any(card["source"].get("topic", {}).get("code") == "not-checked" for card in cards), cards
