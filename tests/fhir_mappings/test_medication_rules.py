@@ -1,0 +1,225 @@
+"""The medication rule data and the patient facts the rules read: names, classes, labs, dose, tiers."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from fhir_mappings.drugs import DATA
+from fhir_mappings.drugs import DrugConcept
+from fhir_mappings.drugs import _lexicon
+from fhir_mappings.drugs import allergy_conflict
+from fhir_mappings.drugs import identify
+from fhir_mappings.interactions import find_interaction
+from fhir_mappings.labs import ckd_epi_2021
+from fhir_mappings.labs import patient_facts
+from fhir_mappings.order_conflicts import allergy_indicator
+from fhir_mappings.patient_rules import dose_amount
+from fhir_mappings.read_models import read_resource
+
+TODAY = date(2026, 6, 1)
+
+
+def named(data: Any) -> tuple[set[str], set[str]]:
+    """Every ingredient and class a rule file names."""
+    ingredients: set[str] = set()
+    classes: set[str] = set()
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ingredients.update(
+                node.get("ingredients", []) if isinstance(node.get("ingredients"), list) else []
+            )
+            classes.update(node.get("classes", []) if isinstance(node.get("classes"), list) else [])
+            stack += [v for k, v in node.items() if k not in ("ingredients", "classes")]
+        elif isinstance(node, list):
+            stack += node
+    return ingredients, classes
+
+
+@pytest.mark.parametrize("name", ["interactions.json", "patient_rules.json"])
+def test_every_ingredient_and_class_a_rule_names_is_known(name: str) -> None:
+    data = json.loads((DATA / name).read_text(encoding="utf-8"))
+    ingredients, classes = named(data)
+    if name == "patient_rules.json":
+        ingredients |= set(data["dose"])
+    unknown = sorted(i for i in ingredients if identify(DrugConcept(texts=(i,))).ingredients != {i})
+    assert unknown == []
+    assert sorted(classes - set(_lexicon().labels)) == []
+
+
+def test_every_interaction_rule_names_known_groups_a_severity_and_a_source() -> None:
+    data = json.loads((DATA / "interactions.json").read_text(encoding="utf-8"))
+    for rule in data["rules"]:
+        assert set(rule["a"].get("groups", [])) | set(rule["b"].get("groups", [])) <= set(data["groups"])
+        assert rule["severity"] in ("info", "warning", "critical")
+        assert rule["mechanism"] and rule["management"] and rule["source"]
+
+
+def concept(text: str) -> DrugConcept:
+    return DrugConcept(texts=(text,))
+
+
+@pytest.mark.parametrize(
+    ("ordered", "other", "severity"),
+    [
+        ("Clarithromycin 500 mg", "Simvastatin 40 mg", "critical"),
+        ("Sertraline 50 mg", "Phenelzine 15 mg", "critical"),
+        ("Tizanidine 4 mg", "Cipro 500 mg", "critical"),
+        ("Eliquis 5 mg", "Naproxen 500 mg", "warning"),
+        ("Oxycodone 5 mg", "Lorazepam 1 mg", "warning"),
+        ("Levofloxacin 500 mg", "Calcium carbonate 500 mg", "info"),
+        ("Pravastatin 40 mg", "Clarithromycin 500 mg", None),
+        ("Clopidogrel 75 mg", "Pantoprazole 40 mg", None),
+        ("Timolol 0.5% eye drops", "Verapamil 80 mg", None),
+        ("Azithromycin 250 mg", "Simvastatin 40 mg", None),
+    ],
+)
+def test_interactions_by_ingredient_class_and_route(ordered: str, other: str, severity: str | None) -> None:
+    found = find_interaction(identify(concept(ordered)), identify(concept(other)))
+    assert (found.rule.severity if found else None) == severity
+    backwards = find_interaction(identify(concept(other)), identify(concept(ordered)))
+    assert (backwards.rule.severity if backwards else None) == severity
+
+
+def test_ckd_epi_2021_matches_the_published_equation() -> None:
+    assert round(ckd_epi_2021(1.0, 50, "male")) == 92
+    assert round(ckd_epi_2021(0.7, 50, "female")) == 105
+    assert round(ckd_epi_2021(2.0, 70, "female")) == 26
+
+
+def observation(code: str, value: Any, days_ago: int, unit: str = "") -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "effectiveDateTime": (TODAY - timedelta(days=days_ago)).isoformat(),
+    }
+    if isinstance(value, str):
+        data["valueCodeableConcept"] = {"text": value}
+    else:
+        data["valueQuantity"] = {"value": value, "unit": unit}
+    return data
+
+
+def facts(*observations: dict[str, Any], gender: str = "female", born: str = "1950-01-15", conditions=()):
+    patient = read_resource({"resourceType": "Patient", "gender": gender, "birthDate": born})
+    labs = read_resource({"resourceType": "Bundle", "entry": [{"resource": o} for o in observations]})
+    problems = read_resource(
+        {
+            "resourceType": "Bundle",
+            "entry": [
+                {"resource": {"resourceType": "Condition", "clinicalStatus": {"text": "active"}, "code": c}}
+                for c in conditions
+            ],
+        }
+    )
+    return patient_facts(patient, problems, [labs], TODAY)
+
+
+def test_latest_lab_wins_and_one_older_than_a_year_is_not_used() -> None:
+    known = facts(
+        observation("98979-8", 25, 400), observation("98979-8", 55, 30), observation("2823-3", 6.1, 366)
+    )
+    assert known.egfr is not None and known.egfr.value == 55
+    assert known.potassium is None
+    assert facts(observation("98979-8", 25, 400)).egfr is None
+
+
+def test_egfr_is_computed_from_creatinine_with_age_and_sex_when_newer() -> None:
+    known = facts(observation("98979-8", 80, 200), observation("14682-9", 176.8, 5, "umol/L"))
+    assert known.age == 76
+    assert known.egfr is not None and known.egfr.value == round(ckd_epi_2021(176.8 / 88.42, 76, "female"))
+    assert "CKD-EPI 2021" in known.egfr.label
+    assert facts(observation("2160-0", 2.0, 5), born="1950").egfr is None  # no age: not guessed
+
+
+def test_pregnancy_from_condition_or_latest_test_never_for_men_or_family_history() -> None:
+    assert facts(observation("2106-3", "Positive", 10)).pregnancy
+    assert (
+        facts(observation("2106-3", "Positive", 60), observation("2106-3", "negative", 2)).pregnancy is None
+    )
+    assert facts(observation("2106-3", "Positive", 400)).pregnancy is None
+    assert facts(observation("2106-3", "Positive", 10), gender="male").pregnancy is None
+    assert facts(
+        conditions=[{"coding": [{"system": "http://snomed.info/sct", "code": "77386006"}]}]
+    ).pregnancy
+
+
+def test_dose_from_quantity_and_timing_or_product_strength() -> None:
+    order = read_resource(
+        {
+            "resourceType": "MedicationRequest",
+            "dosageInstruction": [
+                {
+                    "doseAndRate": [{"doseQuantity": {"value": 2, "unit": "tablet"}}],
+                    "timing": {"code": {"coding": [{"code": "QID"}]}},
+                },
+            ],
+        }
+    )
+    dose = dose_amount(order.dosageInstruction, ["Acetaminophen 500 MG Oral Tablet"])
+    assert (dose.single, dose.daily) == (1000, 4000)
+    weekly = read_resource(
+        {
+            "resourceType": "MedicationRequest",
+            "dosageInstruction": [
+                {
+                    "doseAndRate": [{"doseQuantity": {"value": 1, "unit": "g"}}],
+                    "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "wk"}},
+                }
+            ],
+        }
+    )
+    dose = dose_amount(weekly.dosageInstruction, [])
+    assert dose.single == 1000 and dose.period_days == 7 and round(dose.daily or 0, 1) == 142.9
+
+
+@pytest.mark.parametrize(
+    ("allergy", "ordered", "indicator"),
+    [
+        (
+            {"criticality": "low", "reaction": [{"manifestation": [{"text": "rash"}], "severity": "mild"}]},
+            "Cefazolin",
+            "info",
+        ),
+        ({"reaction": [{"manifestation": [{"text": "Anaphylaxis"}]}]}, "Cefazolin", "warning"),
+        ({"criticality": "low"}, "Cephalexin", "warning"),  # shared aminobenzyl side chain with amoxicillin
+        ({"reaction": [{"manifestation": [{"text": "Anaphylaxis"}]}]}, "Amoxicillin", "critical"),
+        (
+            {"type": "intolerance", "reaction": [{"manifestation": [{"text": "nausea"}]}]},
+            "Amoxicillin",
+            "warning",
+        ),
+        (
+            {"type": "intolerance", "reaction": [{"manifestation": [{"text": "nausea"}]}]},
+            "Penicillin V",
+            None,
+        ),
+    ],
+)
+def test_allergy_severity_follows_the_practice_parameter(
+    allergy: dict[str, Any], ordered: str, indicator
+) -> None:
+    record = read_resource({"resourceType": "AllergyIntolerance", "code": {"text": "Amoxicillin"}} | allergy)
+    match = allergy_conflict(concept(ordered), concept("Amoxicillin"))
+    assert match is not None
+    assert allergy_indicator(record, match) == indicator
+
+
+def test_ace_inhibitor_reaction_on_an_arb_warns_only_after_angioedema() -> None:
+    match = allergy_conflict(concept("Losartan 50 mg"), concept("Lisinopril"))
+    assert match is not None and match.kind == "cross-reactivity"
+
+    def record(manifestation: str, **extra: Any) -> Any:
+        reaction = [{"manifestation": [{"text": manifestation}]}]
+        return read_resource({"resourceType": "AllergyIntolerance", "reaction": reaction} | extra)
+
+    assert allergy_indicator(record("Angioedema"), match) == "warning"
+    assert allergy_indicator(record("Cough"), match) is None
+    assert allergy_indicator(record("Cough", type="intolerance"), match) is None
