@@ -460,6 +460,7 @@ def order_check_cards(
         cards += _active_medication_cards(checked, medications)
     cards += _draft_interaction_cards(checked, draft_orders)
     if facts is not None:
+        cards += _unread_facts_cards(names, unavailable)
         for entry in checked:
             if not entry.identity.recognised:
                 continue
@@ -467,6 +468,22 @@ def order_check_cards(
             for finding in patient_findings(entry.name, entry.identity, facts, dose, entry.concept.texts):
                 cards.append(_finding_card(entry, finding))
     return cards
+
+
+def _unread_facts_cards(names: str, unavailable: Mapping[str, str]) -> list[Card]:
+    """Return an info card naming the patient checks that could not run because their data can't be read."""
+    missing = []
+    if "labs" in unavailable and "observations" in unavailable:
+        missing.append(("kidney function, potassium and pregnancy tests", unavailable["labs"]))
+    if "conditions" in unavailable:
+        missing.append(("conditions", unavailable["conditions"]))
+    if "patient" in unavailable:
+        missing.append(("age and sex", unavailable["patient"]))
+    if not missing:
+        return []
+    why = "; ".join(f"{what}: {reason}" for what, reason in missing)
+    against = ", ".join(what for what, _ in missing)
+    return [not_checked_card(names, against, f"that data could not be read ({why})", indicator="info")]
 
 
 def _allergy_cards(checked: list[CheckedOrder], allergies: Any) -> list[Card]:

@@ -28,11 +28,11 @@ from fhir_mappings.prompts import SYSTEM_PROMPT
 from fhir_mappings.prompts import order_review_prompt
 from fhir_mappings.record_context import record_context
 
-#: The labs the medication rules read (eGFR, creatinine, potassium, pregnancy status), by LOINC code.
+#: The labs the medication rules read (eGFR, creatinine, potassium, pregnancy status, weight), by LOINC code.
 LAB_CODES = (
     ",".join(
         f"http://loinc.org|{code}"
-        for key in ("creatinine_mg_dl", "creatinine_umol_l", "potassium", "pregnancy_status")
+        for key in ("creatinine_mg_dl", "creatinine_umol_l", "potassium", "pregnancy_status", "body_weight")
         for code in lab_codes()[key]
     )
     + ","

@@ -223,3 +223,29 @@ def test_ace_inhibitor_reaction_on_an_arb_warns_only_after_angioedema() -> None:
     assert allergy_indicator(record("Angioedema"), match) == "warning"
     assert allergy_indicator(record("Cough"), match) is None
     assert allergy_indicator(record("Cough", type="intolerance"), match) is None
+
+
+def test_ai_review_gets_the_rule_findings_and_the_labs_they_used() -> None:
+    from fhir_mappings.order_ai import rule_findings_text
+    from fhir_mappings.order_conflicts import order_check_cards
+
+    drafts = read_resource(
+        {
+            "resourceType": "Bundle",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "MedicationRequest",
+                        "id": "d1",
+                        "medicationCodeableConcept": {"text": "Metformin 500 mg"},
+                    }
+                }
+            ],
+        }
+    )
+    known = facts(observation("98979-8", 22, 3))
+    cards = order_check_cards(drafts, ["MedicationRequest/d1"], None, None, {}, known)
+    text = rule_findings_text(cards, known)
+    assert "- critical: Kidney function: Metformin 500 mg, eGFR 22 (below 30)" in text
+    assert f"eGFR 22 mL/min/1.73m2 on {(TODAY - timedelta(days=3)).isoformat()}" in text
+    assert "age 76" in text

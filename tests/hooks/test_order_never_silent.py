@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from datetime import date
 from typing import Any
+
+from support import fhir_access
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SELECT = "/cds-services/order-review"
@@ -189,3 +192,70 @@ def test_discovery_asks_for_referenced_medications_and_the_labs(client) -> None:
         assert (
             "http://loinc.org|98979-8" in prefetch["labs"] and "http://loinc.org|2823-3" in prefetch["labs"]
         )
+
+
+def test_without_prefetch_the_templates_read_referenced_medications_and_labs(
+    client, issuer, fhir_server
+) -> None:
+    patient = fhir_server.post({"resourceType": "Patient", "gender": "female", "birthDate": "1948-03-02"})
+    subject = {"reference": f"Patient/{patient['id']}"}
+    medication = fhir_server.post(
+        {"resourceType": "Medication", "code": {"text": "Simvastatin 40 mg tablet"}}
+    )
+    fhir_server.post(
+        {
+            "resourceType": "MedicationRequest",
+            "status": "active",
+            "intent": "order",
+            "subject": subject,
+            "medicationReference": {"reference": f"Medication/{medication['id']}"},
+        }
+    )
+    fhir_server.post(
+        {
+            "resourceType": "Observation",
+            "status": "final",
+            "subject": subject,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "98979-8"}]},
+            "effectiveDateTime": date.today().isoformat(),
+            "valueQuantity": {"value": 22, "unit": "mL/min/1.73m2"},
+        }
+    )
+    drafts = [
+        order("d1", {"text": "Clarithromycin 500 mg tablet"}),
+        order("d2", {"text": "Metformin 500 mg"}),
+    ]
+    context = {
+        "userId": "Practitioner/COREPRACTITIONER1",
+        "patientId": patient["id"],
+        "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": o} for o in drafts]},
+    }
+    body = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "context": context}
+    body |= fhir_access(fhir_server.base_url, fhir_server.token)
+    response = client.post(SIGN, json=body, headers=issuer.headers(SIGN))
+    assert response.status_code == 200, response.json
+    found = topics(response)
+    assert [c["indicator"] for c in found["drug-interaction"]] == ["critical"]
+    assert [c["indicator"] for c in found["renal"]] == ["critical"]
+    assert "not-checked" not in found, found.get("not-checked")
+
+
+def test_patient_data_that_cannot_be_read_is_an_info_card(client, issuer) -> None:
+    path = SELECT
+    drafts = [order("d1", {"text": "Metformin 500 mg"})]
+    context = {
+        "userId": "Practitioner/COREPRACTITIONER1",
+        "patientId": "p1",
+        "selections": ["MedicationRequest/d1"],
+        "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": drafts[0]}]},
+    }
+    body = {
+        "hook": "order-select",
+        "hookInstance": str(uuid.uuid4()),
+        "context": context,
+        "prefetch": {"allergies": bundle(), "medications": bundle()},
+    }
+    response = client.post(path, json=body, headers=issuer.headers(path))
+    (card,) = topics(response)["not-checked"]
+    assert card["indicator"] == "info"
+    assert "kidney function, potassium and pregnancy tests, conditions, age and sex" in card["summary"]

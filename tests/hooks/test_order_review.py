@@ -45,8 +45,12 @@ def ai_cards(response) -> list[dict[str, Any]]:
     return [c for c in response.json["cards"] if c["source"]["label"] != "MedGemma CDS rules"]
 
 
+#: The patient-specific keys sent as null ("no data"): these tests are about allergies and medications.
+NO_PATIENT_DATA = dict.fromkeys(("patient", "conditions", "observations", "labs"))
+
+
 def order_select(hook_body, orders: list[dict[str, Any]], selections: list[str], prefetch: dict[str, Any]):
-    body = hook_body("order-select", "p1", prefetch=prefetch)
+    body = hook_body("order-select", "p1", prefetch=NO_PATIENT_DATA | prefetch)
     body["context"] |= {"selections": selections, "draftOrders": bundle(*orders)}
     return body
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from test_order_review import NO_PATIENT_DATA
 from test_order_review import PENICILLIN_ALLERGY
 from test_order_review import ai_cards
 from test_order_review import bundle
@@ -12,7 +13,7 @@ PATH = "/cds-services/order-sign-review"
 
 
 def order_sign(hook_body, orders, prefetch):
-    body = hook_body("order-sign", "p1", prefetch=prefetch)
+    body = hook_body("order-sign", "p1", prefetch=NO_PATIENT_DATA | prefetch)
     body["context"]["draftOrders"] = bundle(*orders)
     return body
 
