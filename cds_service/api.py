@@ -15,6 +15,7 @@ from flask import jsonify
 from flask import render_template
 from flask import request
 
+from cds_service.drafts import DraftOwner
 from cds_service.errors import BadRequest
 from cds_service.errors import CdsError
 from cds_service.errors import NotFound
@@ -85,7 +86,7 @@ def discovery() -> Response:
 def call_service(service_id: str) -> Response:
     """§Calling a CDS Service: run the hook and answer its cards."""
     definition = find_service(service_id)
-    authenticate(f"/cds-services/{service_id}")
+    claims = authenticate(f"/cds-services/{service_id}")
     started = time.perf_counter()
     body = read_json_body()
     deps = services()
@@ -115,6 +116,7 @@ def call_service(service_id: str) -> Response:
             cache=deps.prefetch_cache,
             jobs=jobs,
             drafts=deps.drafts,
+            owner=DraftOwner.of(claims),
             on_fetch=observe_prefetch,
             today=deps.today(),
             redis_client=deps.redis,

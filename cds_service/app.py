@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
             "never in production"
         )
     validate_allowlist(settings.fhir_server_allowlist)
+    validate_allowlist(settings.review_iss_allowlist)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json = OrjsonProvider(app)

@@ -1,11 +1,13 @@
 """Drafts of AI reports in the durable store, and the clinician's sign-off or rejection.
 
-A draft belongs to one patient on one FHIR server and is created once per image there (idempotent on the
-image's content, study, patient and server). Signing turns it into a final DiagnosticReport with the
-clinician as results interpreter, once, on every store (an atomic conditional update), and then writes it,
-with the AI's and the clinician's Provenance, to the EHR's FHIR server with the clinician's own token (or
-the configured write-back server). A refused write leaves the draft signed and the failure visible, to be
-retried; rejecting writes nothing to the record.
+A draft belongs to the CDS client that made it (its JWT's issuer and tenant), one patient and one FHIR
+server, and is created once per image there (idempotent on the image's content, study, patient, server and
+owner). The draft API reads and decides only its own issuer's drafts.
+
+Signing turns it into a final DiagnosticReport with the clinician as results interpreter, once, on every
+store (an atomic conditional update), and then writes it, with the AI's and the clinician's Provenance, to
+the EHR's FHIR server with the clinician's own token (or the configured write-back server). A refused
+write leaves the draft signed and the failure visible, to be retried; rejecting writes nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
+from typing import Any
 
 import httpx
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -44,10 +48,28 @@ from fhir_mappings.reports import writeback_bundle
 log = logging.getLogger(__name__)
 
 
-def source_key(image_hash: str, study: str | None, patient_id: str, fhir_server: str | None) -> str:
-    """Return the idempotency key of a draft: the image's content, its study, its patient and server."""
-    material = "|".join([image_hash, study or "", patient_id, (fhir_server or "").rstrip("/")])
-    return hashlib.sha256(material.encode()).hexdigest()
+@dataclass(frozen=True)
+class DraftOwner:
+    """The CDS client a draft belongs to: its JWT's ``iss`` and ``tenant`` (both None: auth disabled)."""
+
+    issuer: str | None
+    tenant: str | None = None
+
+    @classmethod
+    def of(cls, claims: Mapping[str, Any]) -> DraftOwner:
+        """Return the owner named by a verified JWT's claims."""
+        issuer, tenant = claims.get("iss"), claims.get("tenant")
+        return cls(issuer if isinstance(issuer, str) else None, tenant if isinstance(tenant, str) else None)
+
+
+def source_key(
+    image_hash: str, study: str | None, patient_id: str, fhir_server: str | None, owner: DraftOwner
+) -> str:
+    """Return the idempotency key of a draft: the image's content, its study, patient, server and owner."""
+    material = [image_hash, study or "", patient_id, (fhir_server or "").rstrip("/")]
+    if owner.issuer is not None:
+        material += [owner.issuer, owner.tenant or ""]
+    return hashlib.sha256("|".join(material).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -93,6 +115,7 @@ class DraftService:
         image_ref: str,
         patient_id: str,
         fhir_server: str | None,
+        owner: DraftOwner,
         encounter_id: str | None,
         requested_by: str,
         evidence: list[str],
@@ -102,7 +125,7 @@ class DraftService:
         ``image_read`` (what the worker read: study, series, instance) names the study and the instance in
         the report and its Provenance; ``image_png`` is the picture the model saw.
         """
-        key = source_key(image_hash, study, patient_id, fhir_server)
+        key = source_key(image_hash, study, patient_id, fhir_server, owner)
         existing = self.find(key)
         if existing is not None:
             return existing
@@ -128,6 +151,8 @@ class DraftService:
             status="draft",
             patient_id=patient_id,
             fhir_server=(fhir_server or "").rstrip("/") or None,
+            issuer=owner.issuer,
+            tenant=owner.tenant,
             encounter_id=encounter_id,
             requested_by=requested_by,
             study_ref=study,
@@ -161,17 +186,34 @@ class DraftService:
         with self.store.session() as session:
             return session.scalars(select(Draft).where(Draft.source_key == key)).first()
 
-    def get(self, draft_id: str) -> Draft:
-        """Return a draft; 404 when there is none."""
+    def get(self, draft_id: str, owner: DraftOwner | None = None) -> Draft:
+        """Return a draft (of ``owner``, when one is given); 404 when there is none, or it is another's.
+
+        The review app passes no owner: it checks the draft's FHIR server and patient against the launch.
+        """
         with self.store.session() as session:
             draft = session.get(Draft, draft_id)
-        if draft is None:
+        if draft is None or (owner is not None and not owns(owner, draft)):
             raise NotFound("no such draft")
         return draft
 
-    def list(self, patient_id: str | None, status: str | None, limit: int = 100) -> list[Draft]:
-        """Return drafts for a worklist, newest first, filtered by patient and status."""
+    def list(
+        self,
+        patient_id: str | None,
+        status: str | None,
+        limit: int = 100,
+        *,
+        owner: DraftOwner | None = None,
+        fhir_server: str | None = None,
+    ) -> list[Draft]:
+        """Return drafts for a worklist, newest first, filtered by patient and status, and by owner (the
+        draft API) or FHIR server (the review app)."""
         query = select(Draft).order_by(Draft.created_at.desc()).limit(limit)
+        if owner is not None:
+            issuer, tenant = Draft.issuer.is_not_distinct_from, Draft.tenant.is_not_distinct_from
+            query = query.where(issuer(owner.issuer), tenant(owner.tenant))
+        if fhir_server is not None:
+            query = query.where(Draft.fhir_server == fhir_server.rstrip("/"))
         if patient_id:
             query = query.where(Draft.patient_id == patient_id)
         if status:
@@ -180,16 +222,27 @@ class DraftService:
             return list(session.scalars(query))
 
     def sign(
-        self, draft_id: str, text: str, practitioner: str, practitioner_name: str, target: WriteTarget | None
+        self,
+        draft_id: str,
+        text: str,
+        practitioner: str,
+        practitioner_name: str,
+        target: WriteTarget | None,
+        *,
+        vouched_by: str | None,
+        owner: DraftOwner | None = None,
     ) -> Draft:
         """Sign a draft once and write the final report to ``target`` (else the configured write-back).
+
+        ``vouched_by`` is who authenticated the signer (the JWT issuer, or the SMART launch's FHIR server);
+        it is recorded with them. ``owner``: only a draft of this owner may be signed (the draft API).
 
         Signing is one conditional update (status draft → signed), so two concurrent first signs, on any
         store, sign once and write once; a repeat is a no-op. A patient gone from the server (404/410)
         refuses the sign and changes nothing; any other failure to write leaves the draft signed with the
         failure recorded, for ``retry_write_back``.
         """
-        draft = self.get(draft_id)
+        draft = self.get(draft_id, owner)
         if draft.status == "rejected":
             raise Conflict("this draft was rejected; it cannot be signed")
         if draft.status == "signed":
@@ -209,6 +262,7 @@ class DraftService:
                     signed_text=text,
                     signed_by=practitioner,
                     signed_by_name=practitioner_name,
+                    signed_by_issuer=vouched_by,
                     signed_at=now,
                     final_report=final.model_dump(mode="json", exclude_none=True),
                 )
@@ -283,8 +337,11 @@ class DraftService:
                 update(Draft).where(Draft.id == draft_id).values(writeback=location, writeback_error=error)
             )
 
-    def reject(self, draft_id: str, reason: str, rejected_by: str) -> Draft:
-        """Reject a draft, keeping the reason; nothing is written to the record."""
+    def reject(
+        self, draft_id: str, reason: str, rejected_by: str, *, owner: DraftOwner | None = None
+    ) -> Draft:
+        """Reject a draft (of ``owner``, when given), keeping the reason; nothing is written to the record."""
+        self.get(draft_id, owner)
         with self.store.session() as session:
             rejected = session.execute(
                 update(Draft)
@@ -334,6 +391,11 @@ class DraftService:
             )
         location = answer.json()["entry"][0]["response"].get("location", "")
         return "/".join(location.split("/_history")[0].split("/")[-2:])
+
+
+def owns(owner: DraftOwner, draft: Draft) -> bool:
+    """Return whether ``draft`` belongs to ``owner`` (issuer and tenant, compared exactly)."""
+    return draft.issuer == owner.issuer and draft.tenant == owner.tenant
 
 
 def _headers(target: WriteTarget) -> dict[str, str]:

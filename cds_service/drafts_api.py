@@ -1,5 +1,9 @@
 """Draft endpoints: the worklist and JSON views for EHRs (JWT), and the development review page.
 
+The JSON endpoints answer an EHR only about its own drafts: those its issuer (and ``tenant``) made through
+the hooks; another issuer's draft is "not found". A signer it names must be a Practitioner reference, and is
+recorded with the issuer that vouched for it.
+
 Clinicians review and sign in the SMART review app (``cds_service.review``). The signed-link page here is a
 development mode for clients without SMART (the public CDS Hooks sandbox over an open FHIR server): it is
 view-only unless development mode (``MEDGEMMA_CDS_DEV_MODE``, implied by ``AUTH_DISABLED``) is on.
@@ -21,6 +25,7 @@ from pydantic import Field
 from cds_service.api import authenticate
 from cds_service.api import read_json_body
 from cds_service.api import services
+from cds_service.drafts import DraftOwner
 from cds_service.errors import Forbidden
 from cds_service.errors import Unauthorized
 from cds_service.invoke import validate
@@ -29,7 +34,8 @@ from cds_service.store import Draft
 from cds_service.wire import WireModel
 
 bp = Blueprint("drafts", __name__, template_folder="templates")
-PRACTITIONER = r"^(Practitioner|PractitionerRole)/[A-Za-z0-9\-\.]{1,64}$"
+#: The signer an EHR names: a Practitioner reference (a FHIR id), nothing else.
+PRACTITIONER = r"^Practitioner/[A-Za-z0-9\-\.]{1,64}$"
 
 
 class DraftView(WireModel):
@@ -47,6 +53,7 @@ class DraftView(WireModel):
     signed_text: str | None = None
     signed_by: str | None = None
     signed_by_name: str | None = None
+    signed_by_issuer: str | None = None
     signed_at: str | None = None
     written_to: str | None = None
     write_back_error: str | None = None
@@ -70,6 +77,7 @@ class DraftView(WireModel):
             signed_text=draft.signed_text,
             signed_by=draft.signed_by,
             signed_by_name=draft.signed_by_name,
+            signed_by_issuer=draft.signed_by_issuer,
             signed_at=draft.signed_at.isoformat() if draft.signed_at else None,
             written_to=draft.writeback,
             write_back_error=draft.writeback_error,
@@ -100,8 +108,8 @@ def check_review_access(draft_id: str, access: str | None) -> None:
         raise Unauthorized("Unauthorized")
 
 
-def _submitted(model: type[BaseModel], draft_id: str, action: str) -> tuple[Any, bool]:
-    """Return the validated sign/reject request and whether it came from the review page's form.
+def _submitted(model: type[BaseModel], draft_id: str, action: str) -> tuple[Any, DraftOwner | None]:
+    """Return the validated sign/reject request and the EHR that sent it (None: the review page's form).
 
     The form's identity is typed, not asserted by an EHR: it is accepted in development mode only.
     """
@@ -110,25 +118,25 @@ def _submitted(model: type[BaseModel], draft_id: str, action: str) -> tuple[Any,
         if not services().settings.development:
             raise Forbidden("signing from a review link is for development only: open the draft from the EHR")
         data = {k: v for k, v in request.form.items() if k != "access"}
-        return validate(model, data), True
-    authenticate(f"/drafts/{draft_id}/{action}")
-    return validate(model, read_json_body()), False
+        return validate(model, data), None
+    owner = DraftOwner.of(authenticate(f"/drafts/{draft_id}/{action}"))
+    return validate(model, read_json_body()), owner
 
 
 @bp.get("/drafts")
 def list_drafts() -> Response:
-    """The worklist: drafts filtered by ``patient`` and ``status`` (e.g. ``status=draft``), newest first."""
-    authenticate("/drafts")
+    """The worklist of the caller's drafts, filtered by ``patient`` and ``status``, newest first."""
+    owner = DraftOwner.of(authenticate("/drafts"))
     status = request.args.get("status")
-    drafts = services().drafts.list(request.args.get("patient"), status)
+    drafts = services().drafts.list(request.args.get("patient"), status, owner=owner)
     return jsonify({"drafts": [DraftView.of(d).wire() for d in drafts]})
 
 
 @bp.get("/drafts/<draft_id>")
 def get_draft(draft_id: str) -> Response:
-    """One draft, as JSON."""
-    authenticate(f"/drafts/{draft_id}")
-    return jsonify(DraftView.of(services().drafts.get(draft_id)).wire())
+    """One of the caller's drafts, as JSON."""
+    owner = DraftOwner.of(authenticate(f"/drafts/{draft_id}"))
+    return jsonify(DraftView.of(services().drafts.get(draft_id, owner)).wire())
 
 
 @bp.get("/drafts/<draft_id>/review")
@@ -157,9 +165,17 @@ def draft_image(draft_id: str) -> Response:
 @bp.post("/drafts/<draft_id>/sign")
 def sign_draft(draft_id: str) -> Any:
     """Sign: the report becomes final with the clinician's text; written back once."""
-    sign, from_page = _submitted(SignRequest, draft_id, "sign")
-    draft = services().drafts.sign(draft_id, sign.text, sign.practitioner, sign.practitioner_name, None)
-    if from_page:
+    sign, owner = _submitted(SignRequest, draft_id, "sign")
+    draft = services().drafts.sign(
+        draft_id,
+        sign.text,
+        sign.practitioner,
+        sign.practitioner_name,
+        None,
+        vouched_by=owner.issuer if owner else None,
+        owner=owner,
+    )
+    if owner is None:
         return render_template(
             "review.html", draft=draft, access=request.form.get("access"), can_sign=True, practitioner=""
         )
@@ -169,9 +185,9 @@ def sign_draft(draft_id: str) -> Any:
 @bp.post("/drafts/<draft_id>/reject")
 def reject_draft(draft_id: str) -> Any:
     """Reject with a reason: nothing is written to the record."""
-    reject, from_page = _submitted(RejectRequest, draft_id, "reject")
-    draft = services().drafts.reject(draft_id, reject.reason, reject.practitioner)
-    if from_page:
+    reject, owner = _submitted(RejectRequest, draft_id, "reject")
+    draft = services().drafts.reject(draft_id, reject.reason, reject.practitioner, owner=owner)
+    if owner is None:
         return render_template(
             "review.html", draft=draft, access=request.form.get("access"), can_sign=True, practitioner=""
         )

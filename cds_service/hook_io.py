@@ -9,6 +9,7 @@ from urllib.parse import urlunsplit
 
 from pydantic import SecretStr
 
+from cds_service.drafts import DraftOwner
 from cds_service.drafts import DraftService
 from cds_service.drafts import source_key
 from cds_service.errors import BadRequest
@@ -107,12 +108,14 @@ class StoreDraftRecorder:
         encounter_id: str | None,
         user_id: str,
         image_reads: ImageReads | None = None,
+        owner: DraftOwner | None = None,
     ) -> None:
         self.image_reads = image_reads
         self.drafts = drafts
         self.settings = settings
         self.patient_id = patient_id
         self.fhir_server = fhir_server
+        self.owner = owner or DraftOwner(None)
         self.encounter_id = encounter_id
         self.user_id = user_id
 
@@ -120,7 +123,7 @@ class StoreDraftRecorder:
         self, job: JobRecord, image_hash: str, study: str | None, image_ref: str, evidence: list[str]
     ) -> DraftRef:
         """Return the draft for this image, creating it from the finished job the first time."""
-        draft = self.drafts.find(source_key(image_hash, study, self.patient_id, self.fhir_server))
+        draft = self.drafts.find(source_key(image_hash, study, self.patient_id, self.fhir_server, self.owner))
         if draft is None:
             # Read once, when the draft is made: the picture the model saw, and where it came from.
             read = self.image_reads.load(job.id) if self.image_reads is not None else None
@@ -134,6 +137,7 @@ class StoreDraftRecorder:
                 image_ref=image_ref,
                 patient_id=self.patient_id,
                 fhir_server=self.fhir_server,
+                owner=self.owner,
                 encounter_id=self.encounter_id,
                 requested_by=self.user_id,
                 evidence=evidence,

@@ -14,6 +14,7 @@ import redis
 from pydantic import BaseModel
 from pydantic import ValidationError
 
+from cds_service.drafts import DraftOwner
 from cds_service.drafts import DraftService
 from cds_service.errors import BadRequest
 from cds_service.fhir_client import FhirReader
@@ -132,6 +133,7 @@ def run_service(
     cache: ParsedPrefetchCache,
     jobs: ModelJobs | None = None,
     drafts: DraftService | None = None,
+    owner: DraftOwner | None = None,
     on_fetch: Callable[[float], None] = lambda seconds: None,
     today: date | None = None,
     redis_client: redis.Redis | None = None,
@@ -140,6 +142,7 @@ def run_service(
 
     ``today`` is the day of the call (default: the local date), which the model's context ages the patient by.
     ``redis_client`` is where workers leave the picture an imaging job read, for the draft it makes.
+    ``owner`` is the caller the JWT named: drafts the call makes belong to it.
     """
     tolerated: Counter[str] = Counter()
     hook_request, context, draft_orders, appointments, unchecked = parse_hook_call(
@@ -191,6 +194,7 @@ def run_service(
             context.encounter_id,
             context.user_id,
             ImageReads(redis_client, settings) if redis_client is not None else None,
+            owner=owner,
         )
         if drafts is not None
         else None,

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
             "entry allows plain HTTP to exactly that origin (e.g. a FHIR server inside the compose network)."
         ),
     )
+    review_iss_allowlist: list[str] = Field(default_factory=list)
+    """FHIR servers (SMART ``iss``, in FHIR_SERVER_ALLOWLIST's format) the review app may be launched from;
+    a list of its own, so a server allowed for hooks (an open test launcher) signs no one in. Empty: none
+    (loopback too with FHIR_ALLOW_HTTP_LOOPBACK)."""
     fhir_allow_http_loopback: bool = False
     """Allow plain-HTTP fhirServer URLs on loopback addresses (local development)."""
     dicomweb_allowlist: list[str] = Field(default_factory=list)
@@ -212,7 +216,7 @@ def load_settings() -> Settings:
     else:
         from cds_service.fhir_guard import validate_allowlist
 
-        for listed in ("fhir_server_allowlist", "dicomweb_allowlist"):
+        for listed in ("fhir_server_allowlist", "review_iss_allowlist", "dicomweb_allowlist"):
             try:
                 validate_allowlist(getattr(settings, listed))
             except ValueError as error:

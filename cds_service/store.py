@@ -22,6 +22,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import JSON
 from sqlalchemy import DateTime
+from sqlalchemy import Index
 from sqlalchemy import Integer
 from sqlalchemy import LargeBinary
 from sqlalchemy import String
@@ -312,6 +313,9 @@ class Draft(Base):
     status: Mapped[str] = mapped_column(String(16), index=True, default="draft")
     patient_id: Mapped[str] = mapped_column(String(64), index=True)
     fhir_server: Mapped[str | None] = mapped_column(String(2048))
+    # The CDS client that made it: its JWT's issuer and tenant claim (None: authentication disabled).
+    issuer: Mapped[str | None] = mapped_column(String(2048))
+    tenant: Mapped[str | None] = mapped_column(String(256))
     encounter_id: Mapped[str | None] = mapped_column(String(64))
     requested_by: Mapped[str | None] = mapped_column(String(128))
     study_ref: Mapped[str | None] = mapped_column(String(128))
@@ -332,6 +336,8 @@ class Draft(Base):
     signed_by: Mapped[str | None] = mapped_column(String(128))
     signed_by_name: Mapped[str | None] = mapped_column(String(256))
     signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Who vouched for the signer: the draft API's JWT issuer, or the SMART launch's FHIR server.
+    signed_by_issuer: Mapped[str | None] = mapped_column(String(2048))
     final_report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     writeback: Mapped[str | None] = mapped_column(String(512))
     writeback_error: Mapped[str | None] = mapped_column(String(512))
@@ -339,3 +345,5 @@ class Draft(Base):
     rejected_by: Mapped[str | None] = mapped_column(String(128))
     rejected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_drafts_issuer_patient", "issuer", "patient_id"),)

@@ -26,7 +26,9 @@ from joserfc.jwk import ECKey
 from smart_server import SmartServer
 from smart_server import smart_server  # noqa: F401  (session fixture: a SMART server in front of fhir_server)
 from support import FHIR_TOKEN
+from support import HOOK_ONLY_FHIR_SERVER
 from support import ISSUER
+from support import OTHER_ISSUER
 from support import PG_ADMIN_URL
 from support import PUBLIC_URL
 from support import SECRET_KEY
@@ -130,16 +132,33 @@ def redis_client(redis_url: str) -> redis.Redis:
 
 
 @pytest.fixture(scope="session")
-def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
-    """Generate an ES384 key, write its public JWKS and a trusted-issuers file naming it."""
+def issuers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issuer]:
+    """Two EHRs, each with its own ES384 key and public JWKS, and one trusted-issuers file naming both."""
     workdir = tmp_path_factory.mktemp("trust")
-    key = ECKey.generate_key("P-384")
-    kid = key.thumbprint()
-    public = key.as_dict(private=False) | {"kid": kid, "alg": "ES384", "use": "sig"}
-    (workdir / "ehr.jwks.json").write_text(json.dumps({"keys": [public]}))
     trust_file = workdir / "trusted-issuers.json"
-    trust_file.write_text(json.dumps({"issuers": {ISSUER: {"jwks_file": "ehr.jwks.json"}}}))
-    return Issuer(iss=ISSUER, key=key, kid=kid, trust_file=trust_file)
+    trusted: dict[str, Any] = {}
+    keys: dict[str, tuple[ECKey, str]] = {}
+    for number, iss in enumerate((ISSUER, OTHER_ISSUER)):
+        key = ECKey.generate_key("P-384")
+        kid = key.thumbprint()
+        public = key.as_dict(private=False) | {"kid": kid, "alg": "ES384", "use": "sig"}
+        (workdir / f"ehr{number}.jwks.json").write_text(json.dumps({"keys": [public]}))
+        trusted[iss] = {"jwks_file": f"ehr{number}.jwks.json"}
+        keys[iss] = (key, kid)
+    trust_file.write_text(json.dumps({"issuers": trusted}))
+    return {iss: Issuer(iss=iss, key=key, kid=kid, trust_file=trust_file) for iss, (key, kid) in keys.items()}
+
+
+@pytest.fixture(scope="session")
+def issuer(issuers: dict[str, Issuer]) -> Issuer:
+    """The EHR the tests call as: its JWTs are trusted."""
+    return issuers[ISSUER]
+
+
+@pytest.fixture(scope="session")
+def other_issuer(issuers: dict[str, Issuer]) -> Issuer:
+    """A second trusted EHR with its own key (tenancy: it sees nothing of the first one's)."""
+    return issuers[OTHER_ISSUER]
 
 
 @pytest.fixture
@@ -219,7 +238,10 @@ def live_server(
         redis_url,
         issuer,
         url,
-        MEDGEMMA_CDS_FHIR_SERVER_ALLOWLIST=json.dumps([fhir_server.base_url, smart_server.iss]),
+        MEDGEMMA_CDS_FHIR_SERVER_ALLOWLIST=json.dumps(
+            [fhir_server.base_url, smart_server.iss, HOOK_ONLY_FHIR_SERVER]
+        ),
+        MEDGEMMA_CDS_REVIEW_ISS_ALLOWLIST=json.dumps([smart_server.iss]),
         MEDGEMMA_CDS_SMART_CLIENT_ID=smart_server.client_id,
         MEDGEMMA_CDS_FHIR_WRITEBACK_URL=fhir_server.base_url,
         MEDGEMMA_CDS_FHIR_WRITEBACK_TOKEN=fhir_server.token,

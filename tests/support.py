@@ -26,7 +26,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FHIR_TOKEN = "fhir-test-token-3f9a"
 PUBLIC_URL = "http://cds.test"
+#: On the served instance's hook FHIR server allowlist but not its review app's allowed ``iss``.
+HOOK_ONLY_FHIR_SERVER = "https://open-launcher.example/fhir"
 ISSUER = "https://ehr.test"
+#: A second EHR the service trusts, with its own key: it must never see or decide the first one's drafts.
+OTHER_ISSUER = "https://other-ehr.test"
 # One secret for the in-process app and every service and worker process: job requests in Redis are
 # encrypted with a key derived from it, so a worker with another secret could not read them.
 SECRET_KEY = "test-secret-key-shared-by-api-and-workers-5e2b"
@@ -266,13 +270,21 @@ class ModelWorker:
 
 
 def record_draft(
-    drafts: Any, patient_id: str, fhir_server: str | None, *, image_hash: str, study: str | None = None
+    drafts: Any,
+    patient_id: str,
+    fhir_server: str | None,
+    *,
+    image_hash: str,
+    study: str | None = None,
+    issuer: str = ISSUER,
+    tenant: str | None = None,
 ) -> Any:
-    """Store an AI report draft as the imaging hook does once its job is done; return the draft.
+    """Store an AI report draft as the imaging hook called by ``issuer`` does once its job is done; return it.
 
-    ``drafts`` is a ``cds_service.drafts.DraftService``; the same image hash, study, patient and server give
-    the same draft.
+    ``drafts`` is a ``cds_service.drafts.DraftService``; the same image hash, study, patient, server and
+    issuer give the same draft.
     """
+    from cds_service.drafts import DraftOwner
     from cds_service.wire import JobRecord
     from fhir_mappings.model_outputs import ImagingReadOutput
 
@@ -299,6 +311,7 @@ def record_draft(
         image_ref=image_ref,
         patient_id=patient_id,
         fhir_server=fhir_server,
+        owner=DraftOwner(issuer, tenant),
         encounter_id=None,
         requested_by="Practitioner/requester",
         evidence=[image_ref],

@@ -1,12 +1,16 @@
 """The review app's pages: SMART launch and callback, the worklist, a draft to review, sign and reject.
 
-Every page after the callback needs the review session (its cookie); every form carries the session's CSRF
-token; a draft is shown only to a session of its patient on its FHIR server; only a clinician (fhirUser a
+A login is bound to the browser that started it: the launch sets a cookie whose value the pending
+authorization keeps, and the callback is refused without it (login CSRF: an attacker's callback URL opened
+by a clinician can't sign the clinician into the attacker's session). Every page after the callback needs
+the review session (its cookie); every form carries the session's CSRF token; a draft is shown only to a
+session of its patient on its FHIR server (never one made without a server); only a clinician (fhirUser a
 Practitioner or PractitionerRole) may sign or reject. Refusals are pages that say why, and write nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -27,6 +31,7 @@ from cds_service.drafts import WriteTarget
 from cds_service.errors import BadRequest
 from cds_service.errors import CdsError
 from cds_service.fhir_guard import check_fhir_server_url
+from cds_service.review.sessions import PENDING_TTL_S
 from cds_service.review.sessions import ReviewSession
 from cds_service.review.sessions import ReviewStore
 from cds_service.review.smart import SmartConfiguration
@@ -46,6 +51,9 @@ from cds_service.store import Draft
 bp = Blueprint("review", __name__, url_prefix="/review", template_folder="templates")
 log = logging.getLogger(__name__)
 COOKIE = "mgcds_review"
+#: The launch's browser binding: one cookie per pending login (``{prefix}{hash of state}``), so two tabs
+#: launching at once each keep theirs; it lives as long as the pending authorization.
+LOGIN_COOKIE_PREFIX = "mgcds_login_"
 MAX_TEXT = 20_000
 
 
@@ -97,7 +105,8 @@ def _redirect_uri() -> str:
 def launch() -> Response:
     """SMART launch: EHR launch (``iss`` and ``launch``) or standalone (``iss`` only); ``draft`` names one.
 
-    The ``iss`` must be on the FHIR server allowlist before anything is fetched from it.
+    The ``iss`` must be on the review app's allowlist (``REVIEW_ISS_ALLOWLIST``, not the hooks' FHIR server
+    allowlist) before anything is fetched from it.
     """
     iss = request.args.get("iss", "")
     launch_token = request.args.get("launch") or None
@@ -108,7 +117,7 @@ def launch() -> Response:
         raise ReviewRefused(400, "The link names no valid draft.")
     settings = _deps().settings
     try:
-        check_fhir_server_url(iss, settings.fhir_server_allowlist, settings.fhir_allow_http_loopback)
+        check_fhir_server_url(iss, settings.review_iss_allowlist, settings.fhir_allow_http_loopback)
     except BadRequest as refused:
         raise ReviewRefused(403, f"This EHR is not one this service trusts ({refused.message}).") from None
     config = discover(_deps().http, iss)
@@ -119,9 +128,11 @@ def launch() -> Response:
         requested_scope(config, ehr_launch=launch_token is not None),
     )
     url, pending = authorization_request(client, config, iss, launch_token)
+    binding = secrets.token_urlsafe(32)
     _store().begin(
         pending["state"],
         {
+            "binding": binding,
             "iss": iss,
             "draft": draft,
             "nonce": pending["nonce"],
@@ -130,7 +141,21 @@ def launch() -> Response:
             "config": config.model_dump(),
         },
     )
-    return redirect(url, code=302)
+    response = redirect(url, code=302)
+    response.set_cookie(
+        _login_cookie(pending["state"]),
+        binding,
+        max_age=PENDING_TTL_S,
+        path=url_for("review.callback"),
+        httponly=True,
+        samesite="Lax",  # sent on the authorization server's top-level redirect back, not on cross-site posts
+        secure=urlsplit(settings.public_url).scheme == "https",
+    )
+    return response
+
+
+def _login_cookie(state: str) -> str:
+    return LOGIN_COOKIE_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:16]
 
 
 @bp.get("/callback")
@@ -146,6 +171,11 @@ def callback() -> Response:
     pending = _store().take(state)
     if pending is None:
         raise ReviewRefused(400, "This sign-in was already used or has expired; start again from the EHR.")
+    binding = request.cookies.get(_login_cookie(state), "")
+    if not binding or not secrets.compare_digest(binding.encode(), str(pending.get("binding", "")).encode()):
+        raise ReviewRefused(
+            400, "This sign-in was started in another browser; start again from the EHR in this one."
+        )
     if not _store().first_use_of_code(code):
         raise ReviewRefused(400, "This authorization code was already used; start again from the EHR.")
     settings = _deps().settings
@@ -201,6 +231,7 @@ def callback() -> Response:
         samesite="Lax",
         secure=urlsplit(settings.public_url).scheme == "https",
     )
+    response.delete_cookie(_login_cookie(state), path=url_for("review.callback"))
     return response
 
 
@@ -225,8 +256,12 @@ def _draft_of(session: ReviewSession, draft_id: str) -> Draft:
         draft = _deps().drafts.get(draft_id)
     except CdsError:
         raise ReviewRefused(404, "There is no such draft.") from None
-    same_server = draft.fhir_server is None or draft.fhir_server.rstrip("/") == session.iss
-    if draft.patient_id != session.patient or not same_server:
+    if draft.fhir_server is None:
+        # Made by a hook call that named no FHIR server: no launch can show it is this EHR's patient.
+        raise ReviewRefused(
+            403, "This draft names no FHIR server: it can be signed only by the EHR that made it, not here."
+        )
+    if draft.patient_id != session.patient or draft.fhir_server.rstrip("/") != session.iss:
         raise ReviewRefused(403, "This draft is not about the patient the EHR opened.")
     return draft
 
@@ -251,11 +286,7 @@ def _decision_form(draft_id: str) -> tuple[ReviewSession, str]:
 def worklist() -> str:
     """The drafts awaiting review for the launch's patient."""
     session = _session()
-    drafts = [
-        d
-        for d in _deps().drafts.list(session.patient, "draft")
-        if d.fhir_server is None or d.fhir_server.rstrip("/") == session.iss
-    ]
+    drafts = _deps().drafts.list(session.patient, "draft", fhir_server=session.iss)
     return render_template("review/worklist.html", session=session, drafts=drafts)
 
 
@@ -283,7 +314,7 @@ def sign(draft_id: str) -> str:
     # Without a write scope the EHR keeps its audit out of reach: the configured server is the fallback.
     target = WriteTarget(session.iss, session.access_token) if session.may_write() else None
     try:
-        draft = _deps().drafts.sign(draft_id, text, signer, session.user_name, target)
+        draft = _deps().drafts.sign(draft_id, text, signer, session.user_name, target, vouched_by=session.iss)
     except CdsError as error:
         raise ReviewRefused(error.status, error.message) from None
     return render_template("review/draft.html", session=session, draft=draft)

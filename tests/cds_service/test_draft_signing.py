@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import ISSUER
 from support import record_draft
 
 from cds_service.drafts import DraftService
@@ -98,7 +99,12 @@ def test_two_concurrent_first_signs_sign_once_and_write_once(
     def sign(name: str) -> Draft:
         barrier.wait()
         return drafts.sign(
-            draft.id, f"FINDINGS:\n{name}\n\nIMPRESSION:\nok", f"Practitioner/{name}", name, target
+            draft.id,
+            f"FINDINGS:\n{name}\n\nIMPRESSION:\nok",
+            f"Practitioner/{name}",
+            name,
+            target,
+            vouched_by=ISSUER,
         )
 
     with ThreadPoolExecutor(2) as pool:
@@ -117,7 +123,7 @@ def test_a_refused_write_leaves_the_draft_signed_visibly_and_a_retry_writes_it(
     draft = new_draft(drafts)
     target = WriteTarget(stub_fhir.url, "clinician-token")
     stub_fhir.transaction_status = 403
-    signed = drafts.sign(draft.id, "IMPRESSION:\nok", "Practitioner/a", "Dr A", target)
+    signed = drafts.sign(draft.id, "IMPRESSION:\nok", "Practitioner/a", "Dr A", target, vouched_by=ISSUER)
     assert signed.status == "signed" and signed.writeback is None
     assert signed.writeback_error == "the FHIR server refused the signed report (403)"
 
@@ -133,7 +139,12 @@ def test_no_write_unless_the_patient_read_succeeds(
     draft = new_draft(drafts)
     stub_fhir.patient_status = status
     signed = drafts.sign(
-        draft.id, "IMPRESSION:\nok", "Practitioner/a", "Dr A", WriteTarget(stub_fhir.url, "t")
+        draft.id,
+        "IMPRESSION:\nok",
+        "Practitioner/a",
+        "Dr A",
+        WriteTarget(stub_fhir.url, "t"),
+        vouched_by=ISSUER,
     )
     assert signed.status == "signed" and stub_fhir.transactions == []
     assert signed.writeback_error == f"the FHIR server answered {status} reading the patient"
@@ -145,7 +156,14 @@ def test_a_patient_gone_from_the_server_refuses_the_sign_and_changes_nothing(
     draft = new_draft(drafts)
     stub_fhir.patient_status = 404
     with pytest.raises(Conflict, match="no longer exists"):
-        drafts.sign(draft.id, "IMPRESSION:\nok", "Practitioner/a", "Dr A", WriteTarget(stub_fhir.url, "t"))
+        drafts.sign(
+            draft.id,
+            "IMPRESSION:\nok",
+            "Practitioner/a",
+            "Dr A",
+            WriteTarget(stub_fhir.url, "t"),
+            vouched_by=ISSUER,
+        )
     assert drafts.get(draft.id).status == "draft" and stub_fhir.transactions == []
 
 

@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import redis
+from playwright.sync_api import sync_playwright
 from smart_server import SmartServer
+from support import HOOK_ONLY_FHIR_SERVER
 from support import SECRET_KEY
 from support import FhirServer
 from support import LiveServer
@@ -33,6 +35,14 @@ from cds_service.settings import purpose_key
 from cds_service.signed_links import sign_link
 from cds_service.store import Store
 from fhir_mappings.reports import DRAFT_IDENTIFIER_SYSTEM
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 
 @pytest.fixture
@@ -54,16 +64,24 @@ def practitioner(fhir_server: FhirServer) -> str:
     return f"Practitioner/{fhir_server.post({'resourceType': 'Practitioner', 'name': name})['id']}"
 
 
-def make_draft(database_url: str, patient_id: str, fhir_server: str) -> str:
+def make_draft(database_url: str, patient_id: str, fhir_server: str | None) -> str:
     """Store a draft for ``patient_id`` on ``fhir_server`` as the imaging hook would; return its id."""
     drafts = DraftService(Store(database_url), Settings(secret_key=SECRET_KEY), httpx.Client())
     return str(record_draft(drafts, patient_id, fhir_server, image_hash=uuid.uuid4().hex).id)
 
 
-def ehr_launch(live: LiveServer, smart: SmartServer, draft_id: str | None, launch: str) -> httpx.Response:
-    """Open the card's link as an EHR launches it; return the authorization server's redirect."""
+def new_browser(live: LiveServer) -> httpx.Client:
+    """Return a browser-like client of the served app: it keeps its cookies and follows redirects."""
+    return httpx.Client(base_url=live.url, follow_redirects=True)
+
+
+def ehr_launch(
+    browser: httpx.Client, smart: SmartServer, draft_id: str | None, launch: str
+) -> httpx.Response:
+    """Open the card's link in ``browser`` as an EHR launches it; return the authorization server's redirect
+    back to the callback (not followed)."""
     query = {"iss": smart.iss, "launch": launch} | ({"draft": draft_id} if draft_id else {})
-    answer = httpx.get(f"{live.url}/review/launch?{urlencode(query)}")
+    answer = browser.get(f"/review/launch?{urlencode(query)}", follow_redirects=False)
     assert answer.status_code == 302, answer.text
     authorized = httpx.get(answer.headers["location"])
     assert authorized.status_code == 302, authorized.text
@@ -74,8 +92,8 @@ def signed_in(
     live: LiveServer, smart: SmartServer, draft_id: str | None, user: str, patient: str
 ) -> httpx.Client:
     """Return a browser-like client with a review session for ``user`` launched on ``patient``."""
-    callback = ehr_launch(live, smart, draft_id, smart.mint_launch(patient, user)).headers["location"]
-    browser = httpx.Client(base_url=live.url, follow_redirects=True)
+    browser = new_browser(live)
+    callback = ehr_launch(browser, smart, draft_id, smart.mint_launch(patient, user)).headers["location"]
     page = browser.get(callback)
     assert page.status_code == 200, page.text
     return browser
@@ -156,11 +174,10 @@ def test_a_bad_id_token_is_refused_with_a_page_and_no_session(
     live_server: LiveServer, smart: SmartServer, fhir_server: FhirServer, practitioner: str, tampering: dict
 ) -> None:
     patient = fhir_server.patients["Trantow"]
-    callback = ehr_launch(live_server, smart, None, smart.mint_launch(patient, practitioner)).headers[
-        "location"
-    ]
+    browser = new_browser(live_server)
+    callback = ehr_launch(browser, smart, None, smart.mint_launch(patient, practitioner)).headers["location"]
     smart.tamper(**tampering)
-    answer = httpx.get(callback)
+    answer = browser.get(callback)
     assert answer.status_code == 400
     assert "sign-in failed" in answer.text and "set-cookie" not in answer.headers
 
@@ -169,11 +186,10 @@ def test_an_id_token_signed_by_another_key_is_refused(
     live_server: LiveServer, smart: SmartServer, fhir_server: FhirServer, practitioner: str
 ) -> None:
     patient = fhir_server.patients["Trantow"]
-    callback = ehr_launch(live_server, smart, None, smart.mint_launch(patient, practitioner)).headers[
-        "location"
-    ]
+    browser = new_browser(live_server)
+    callback = ehr_launch(browser, smart, None, smart.mint_launch(patient, practitioner)).headers["location"]
     smart.tamper(foreign_key=True)
-    answer = httpx.get(callback)
+    answer = browser.get(callback)
     assert answer.status_code == 400 and "signature does not verify" in answer.text
 
 
@@ -181,20 +197,19 @@ def test_missing_or_wrong_state_and_a_replayed_code_are_refused(
     live_server: LiveServer, smart: SmartServer, fhir_server: FhirServer, practitioner: str
 ) -> None:
     patient = fhir_server.patients["Trantow"]
-    callback = ehr_launch(live_server, smart, None, smart.mint_launch(patient, practitioner)).headers[
-        "location"
-    ]
+    browser = new_browser(live_server)
+    callback = ehr_launch(browser, smart, None, smart.mint_launch(patient, practitioner)).headers["location"]
     code = parse_qs(urlsplit(callback).query)["code"][0]
-    assert httpx.get(f"{live_server.url}/review/callback?code={code}").status_code == 400
-    assert httpx.get(f"{live_server.url}/review/callback?code={code}&state=forged").status_code == 400
-    assert httpx.get(callback, follow_redirects=True).status_code == 200
+    assert browser.get(f"/review/callback?code={code}").status_code == 400
+    assert browser.get(f"/review/callback?code={code}&state=forged").status_code == 400
+    assert browser.get(callback).status_code == 200
     # The same callback again: its state was used.
-    again = httpx.get(callback)
+    again = browser.get(callback)
     assert again.status_code == 400 and "already used or has expired" in again.text
     # A fresh state with the old code: the code was redeemed (the server itself would redeem it twice).
-    fresh = ehr_launch(live_server, smart, None, smart.mint_launch(patient, practitioner)).headers["location"]
+    fresh = ehr_launch(browser, smart, None, smart.mint_launch(patient, practitioner)).headers["location"]
     state = parse_qs(urlsplit(fresh).query)["state"][0]
-    replayed = httpx.get(f"{live_server.url}/review/callback?code={code}&state={state}")
+    replayed = browser.get(f"/review/callback?code={code}&state={state}")
     assert replayed.status_code == 400 and "code was already used" in replayed.text
 
 
@@ -236,17 +251,29 @@ def test_a_draft_of_another_patient_or_server_is_refused(
     trantow, erdman = fhir_server.patients["Trantow"], fhir_server.patients["Erdman"]
     other_patient = make_draft(database_url, erdman, smart.iss)
     other_server = make_draft(database_url, trantow, "https://another-ehr.example.org/fhir")
+    # A hook call that named no fhirServer: the same patient id at this EHR proves nothing.
+    no_server = make_draft(database_url, trantow, None)
     browser = signed_in(live_server, smart, None, practitioner, trantow)
     for draft_id in (other_patient, other_server):
         answer = browser.get(f"/review/drafts/{draft_id}")
         assert answer.status_code == 403 and "not about the patient" in answer.text
-    assert other_patient not in browser.get("/review/").text
+    answer = browser.get(f"/review/drafts/{no_server}")
+    assert answer.status_code == 403 and "names no FHIR server" in answer.text
+    form = {"csrf": session_of(live_server, browser).csrf, "text": "IMPRESSION:\nsigned elsewhere"}
+    assert browser.post(f"/review/drafts/{no_server}/sign", data=form).status_code == 403
+    worklist = browser.get("/review/").text
+    assert other_patient not in worklist and other_server not in worklist and no_server not in worklist
+    drafts = DraftService(Store(database_url), Settings(), httpx.Client())
+    assert drafts.get(no_server).status == "draft"
 
 
 def test_an_iss_off_the_allowlist_is_refused_before_any_request(
     live_server: LiveServer, smart: SmartServer
 ) -> None:
     answer = httpx.get(f"{live_server.url}/review/launch?{urlencode({'iss': 'https://evil.example/fhir'})}")
+    assert answer.status_code == 403 and "not one this service trusts" in answer.text
+    # On the hooks' FHIR server allowlist only (an open test launcher): it signs no one in to the review app.
+    answer = httpx.get(f"{live_server.url}/review/launch?{urlencode({'iss': HOOK_ONLY_FHIR_SERVER})}")
     assert answer.status_code == 403 and "not one this service trusts" in answer.text
 
 
@@ -273,12 +300,36 @@ def test_a_standalone_launch_opens_the_worklist_of_the_chosen_patient(
     patient = fhir_server.patients["Erdman"]
     draft_id = make_draft(database_url, patient, smart.iss)
     smart.set_user(practitioner, patient)
-    launched = httpx.get(f"{live_server.url}/review/launch?{urlencode({'iss': smart.iss})}")
+    browser = new_browser(live_server)
+    launched = browser.get(f"/review/launch?{urlencode({'iss': smart.iss})}", follow_redirects=False)
     assert launched.status_code == 302
     assert (
         "launch%2Fpatient" in launched.headers["location"] or "launch/patient" in launched.headers["location"]
     )
     callback = httpx.get(launched.headers["location"]).headers["location"]
-    browser = httpx.Client(base_url=live_server.url, follow_redirects=True)
     worklist = browser.get(callback)
     assert worklist.status_code == 200 and f"/review/drafts/{draft_id}" in worklist.text
+
+
+def test_a_callback_opened_in_another_browser_signs_no_one_in(
+    live_server: LiveServer, smart: SmartServer, fhir_server: FhirServer, practitioner: str
+) -> None:
+    """Login CSRF: the attacker launches in their browser and sends the clinician the callback URL."""
+    patient = fhir_server.patients["Trantow"]
+    launch = smart.mint_launch(patient, practitioner)
+    launch_url = f"{live_server.url}/review/launch?{urlencode({'iss': smart.iss, 'launch': launch})}"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        attacker, clinician = chromium.new_context(), chromium.new_context()
+        # The attacker launches in their browser and stops at the authorization server's redirect back.
+        launched = attacker.request.get(launch_url, max_redirects=0)
+        assert launched.status == 302 and launched.headers["location"].startswith(smart.iss.rsplit("/", 1)[0])
+        callback = attacker.request.get(launched.headers["location"], max_redirects=0).headers["location"]
+        assert [c for c in attacker.cookies() if c["name"].startswith("mgcds_login_")]
+
+        victim_page = clinician.new_page()
+        answer = victim_page.goto(callback)
+        assert answer is not None and answer.status == 400
+        assert "started in another browser" in victim_page.inner_text("body")
+        assert not [c for c in clinician.cookies() if c["name"] == COOKIE]
+        chromium.close()

@@ -243,7 +243,11 @@ def test_draft_signed_in_browser_after_an_ehr_launch_names_the_launched_clinicia
 
 
 def test_rejected_dicom_draft_writes_nothing(
-    live_server: LiveServer, model_worker: ModelWorker, issuer: Issuer, fhir_server: FhirServer
+    live_server: LiveServer,
+    model_worker: ModelWorker,
+    issuer: Issuer,
+    other_issuer: Issuer,
+    fhir_server: FhirServer,
 ) -> None:
     patient_id = fhir_server.patients["Trantow"]
     dicom = (SAMPLE / "fake-monochrome-cxr.dcm").read_bytes()
@@ -257,6 +261,11 @@ def test_rejected_dicom_draft_writes_nothing(
     card = draft_card_when_ready(live_server, issuer, fhir_server, patient_id)
     draft_id = draft_id_of(card)
     reject_path = f"/drafts/{draft_id}/reject"
+    # The draft belongs to the EHR whose hook call made it: another trusted EHR neither sees nor decides it.
+    for method, path, body in (("GET", f"/drafts/{draft_id}", None), ("POST", reject_path, {"reason": "x"})):
+        headers = {"Authorization": f"Bearer {other_issuer.token(live_server.url + path)}"}
+        body = body and body | {"practitioner": "Practitioner/COREPRACTITIONER1"}
+        assert httpx.request(method, live_server.url + path, json=body, headers=headers).status_code == 404
     answer = httpx.post(
         live_server.url + reject_path,
         json={"reason": "Wrong side marker", "practitioner": "Practitioner/COREPRACTITIONER1"},
