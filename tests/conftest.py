@@ -23,6 +23,11 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from joserfc.jwk import ECKey
+from pacs import OTHER_USER
+from pacs import PACS_USER
+from pacs import Pacs
+from pacs import basic_authorization
+from pacs import running_pacs
 from smart_server import SmartServer
 from smart_server import smart_server  # noqa: F401  (session fixture: a SMART server in front of fhir_server)
 from support import FHIR_TOKEN
@@ -220,6 +225,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pacs_ports() -> dict[str, tuple[int, int]]:
+    """Free (HTTP, DICOM) ports for the test PACS, chosen before the servers that allowlist them start."""
+    return {name: (free_port(), free_port()) for name in ("pacs", "other_pacs")}
+
+
+@pytest.fixture(scope="session")
+def pacs(pacs_ports: dict[str, tuple[int, int]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
+    """Orthanc with DICOMweb, accepting the workers' configured credential (DICOMWEB_AUTHORIZATION)."""
+    with running_pacs(tmp_path_factory.mktemp("pacs"), *pacs_ports["pacs"], PACS_USER) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def other_pacs(
+    pacs_ports: dict[str, tuple[int, int]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pacs]:
+    """A second allowlisted Orthanc that accepts another user only: the workers' requests get a 401."""
+    with running_pacs(tmp_path_factory.mktemp("other-pacs"), *pacs_ports["other_pacs"], OTHER_USER) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def live_server(
     database_url: str,
     redis_url: str,
@@ -227,6 +254,7 @@ def live_server(
     tiny_model_dir: Path,
     fhir_server: FhirServer,
     smart_server: SmartServer,  # noqa: F811 - the fixture imported above
+    pacs_ports: dict[str, tuple[int, int]],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
     """Start ``medgemma-cds serve`` once per run: the review app registered with the test SMART server, and
@@ -245,6 +273,10 @@ def live_server(
         MEDGEMMA_CDS_SMART_CLIENT_ID=smart_server.client_id,
         MEDGEMMA_CDS_FHIR_WRITEBACK_URL=fhir_server.base_url,
         MEDGEMMA_CDS_FHIR_WRITEBACK_TOKEN=fhir_server.token,
+        MEDGEMMA_CDS_DICOMWEB_ALLOWLIST=json.dumps(
+            [f"http://127.0.0.1:{http}/dicom-web" for http, _ in pacs_ports.values()]
+        ),
+        MEDGEMMA_CDS_DICOMWEB_AUTHORIZATION=basic_authorization(PACS_USER),
         **model_env(tiny_model_dir),
     )
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"

@@ -17,6 +17,8 @@ from cds_service.wire import Card
 from cds_service.wire import DraftRef
 from cds_service.wire import JobRecord
 from fhir_mappings.images import ImageSource
+from fhir_mappings.images import source_hash
+from fhir_mappings.images import study_sources
 from fhir_mappings.imaging import describe_source
 from fhir_mappings.imaging import imaging_draft_card
 from fhir_mappings.imaging import imaging_worklist
@@ -261,3 +263,79 @@ def test_decided_draft_is_no_longer_offered(status: str) -> None:
         id="d1", status=status, report={"resourceType": "DiagnosticReport"}, review_url="https://x/y"
     )
     assert imaging_draft_card(READ, _job(), draft) is None
+
+
+# --- Studies on a PACS (DICOMweb) ---------------------------------------------------------------------
+
+WADO = {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type", "code": "dicom-wado-rs"}
+
+
+def _pacs_study(
+    study_id: str, endpoint: list[str], *, instances: list[str] = (), contained: list[dict] = (), **extra: Any
+) -> dict[str, Any]:
+    return {
+        "resourceType": "ImagingStudy",
+        "id": study_id,
+        "status": "available",
+        "subject": {"reference": "Patient/p1"},
+        "started": "2024-01-05T09:00:00Z",
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:1.2.{study_id.removeprefix('s')}"}],
+        "endpoint": [{"reference": ref} for ref in endpoint],
+        "contained": list(contained),
+        "series": [{"uid": "1.2.9", "modality": {"code": "CR"}, "instance": [{"uid": u} for u in instances]}],
+    } | extra
+
+
+def test_a_study_with_a_wado_rs_endpoint_is_read_from_the_pacs(bundle_of: Callable[..., Any]) -> None:
+    held = {
+        "resourceType": "Endpoint",
+        "id": "ep1",
+        "connectionType": WADO,
+        "address": "https://pacs.test/wado",
+    }
+    contained = {
+        "resourceType": "Endpoint",
+        "id": "c",
+        "connectionType": WADO,
+        "address": "https://c.test/dw",
+    }
+    not_wado = {"resourceType": "Endpoint", "id": "ep2", "connectionType": {"code": "hl7-fhir-rest"}}
+    studies = bundle_of(
+        [
+            _pacs_study("s1", ["Endpoint/ep1"]),
+            _pacs_study("s2", ["Endpoint/elsewhere"]),
+            _pacs_study("s3", ["#c"], contained=[contained]),
+            _pacs_study("s4", ["Endpoint/ep2"]),
+            _pacs_study("s5", []),
+            held,
+            not_wado,
+        ]
+    )
+    sources, without_image = imaging_worklist(studies, None, None, None)
+
+    found = {s.resource: s.dicom for s in sources}
+    assert set(found) == {"ImagingStudy/s1", "ImagingStudy/s2", "ImagingStudy/s3"}
+    assert (found["ImagingStudy/s1"].uid, found["ImagingStudy/s1"].endpoint_address) == (
+        "1.2.1",
+        held["address"],
+    )
+    # An Endpoint the record doesn't hold is read by the worker; a contained one is used as it is.
+    assert (found["ImagingStudy/s2"].endpoint_address, found["ImagingStudy/s2"].endpoint_ref) == (
+        None,
+        "Endpoint/elsewhere",
+    )
+    assert found["ImagingStudy/s3"].endpoint_address == "https://c.test/dw"
+    assert [s.id for s in without_image] == ["s4", "s5"]
+
+
+def test_a_new_instance_is_a_new_image_and_the_token_is_not_part_of_it(fhir: Callable[..., Any]) -> None:
+    def hashed(study: dict[str, Any]) -> str:
+        (source,) = study_sources([fhir(study)], {})
+        return source_hash(source, "https://ehr.test/fhir")
+
+    one = hashed(_pacs_study("s1", ["Endpoint/e"], instances=["1.2.9.1"]))
+    assert one == hashed(_pacs_study("s1", ["Endpoint/e"], instances=["1.2.9.1"], started="2025-01-01"))
+    assert one != hashed(_pacs_study("s1", ["Endpoint/e"], instances=["1.2.9.1", "1.2.9.2"]))
+    # With no instances listed, the study's version stands for them.
+    bare = _pacs_study("s1", ["Endpoint/e"])
+    assert hashed(bare | {"meta": {"versionId": "1"}}) != hashed(bare | {"meta": {"versionId": "2"}})
