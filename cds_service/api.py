@@ -23,6 +23,8 @@ from cds_service.errors import UnsupportedMediaType
 from cds_service.invoke import json_problem
 from cds_service.invoke import run_service
 from cds_service.invoke import validate
+from cds_service.job_progress import role_of
+from cds_service.job_progress import with_progress
 from cds_service.jobs import JobQueue
 from cds_service.jobs import live_workers
 from cds_service.metrics import count_feedback
@@ -34,6 +36,7 @@ from cds_service.signed_links import link_grants
 from cds_service.wire import DiscoveryResponse
 from cds_service.wire import FeedbackRequest
 from cds_service.wire import JobRecord
+from fhir_mappings.ai_cards import ai_state
 
 bp = Blueprint("cds", __name__)
 log = logging.getLogger("cds_service.api")
@@ -163,15 +166,19 @@ def feedback(service_id: str) -> Response:
 
 @bp.get("/jobs/<job_id>")
 def job_status(job_id: str) -> Response:
-    """A model job's state (queued | running | done | failed), timestamps and, when done, its result.
+    """A model job's state (queued | running | done | failed), where it stands while it waits (live workers,
+    jobs ahead, expected wait), timestamps and, when done, its result.
 
     Open to an EHR's JWT, or to the signed link a card carries (a clinician's browser has no JWT).
     """
     if not link_grants(services().settings, "job-status", job_id, request.args.get("access")):
         authenticate(f"/jobs/{job_id}")
-    record = services().jobs.get(job_id) if job_id.isalnum() and len(job_id) <= 64 else None
+    deps = services()
+    record = deps.jobs.get(job_id) if job_id.isalnum() and len(job_id) <= 64 else None
     if record is None:
         raise NotFound("no such job (it may have expired)")
+    model = deps.settings.image_model if role_of(record.task) == "image" else deps.settings.text_model
+    record = with_progress(record, deps.redis, deps.capacity, model) or record
     # A clinician's browser asks for HTML first; EHRs, scripts and */* get JSON, the documented default.
     if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
         response = Response(job_status_page(record), mimetype="text/html")
@@ -183,13 +190,6 @@ def job_status(job_id: str) -> Response:
     return response
 
 
-#: How a job's state reads on its page.
-JOB_STATE_WORDS = {
-    "queued": "Queued: waiting for a model worker",
-    "running": "Running: the model is working on it",
-    "done": "Done",
-    "failed": "Failed",
-}
 #: Headings for the fields of the model outputs (fhir_mappings/model_outputs.py); others are spelled out.
 RESULT_HEADINGS = {
     "evidence_ids": "Evidence (record entries the model cited)",
@@ -212,7 +212,7 @@ def job_status_page(record: JobRecord) -> str:
     return render_template(
         "job_status.html",
         record=record,
-        state_words=JOB_STATE_WORDS.get(record.state, record.state),
+        state=ai_state(record),
         progress=[(label, f"{at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC") for label, at in progress if at],
         headings=RESULT_HEADINGS,
         refresh_s=JOB_PAGE_REFRESH_S if record.state in ("queued", "running") else None,

@@ -291,16 +291,17 @@ class Printer:
         self.line()
 
 
+#: Topic codes of the cards that say an AI analysis is still to come (``fhir_mappings.ai_cards.ai_state``).
+WAITING_STATES = {"ai-queued", "ai-running", "ai-unavailable"}
+
+
 def pending_job_url(cards: list[dict[str, Any]]) -> str | None:
-    """Return the job status URL of a "running" AI card among ``cards``, if there is one."""
+    """Return the job status URL of a card saying its AI analysis is still to come, if there is one."""
     for card in cards:
-        for link in card.get("links", []):
-            if (
-                "/jobs/" in link.get("url", "")
-                and card.get("indicator") == "info"
-                and "running" in card["summary"]
-            ):
-                return str(link["url"])
+        if card.get("source", {}).get("topic", {}).get("code") in WAITING_STATES:
+            for link in card.get("links", []):
+                if "/jobs/" in link.get("url", ""):
+                    return str(link["url"])
     return None
 
 

@@ -503,7 +503,11 @@ class JobQueue:
                         self.store.redis.hincrby(ZERO_WAIT_KEY, f"{self._service_id}:ready", 1)
             if self._on_request is not None:
                 self._on_request(job_id, submitted.created, record)
-            return record
+            # Imported here: job_progress reads this module's queues and keys.
+            from cds_service.job_progress import with_progress
+
+            # Where a waiting job stands (live workers, jobs ahead), for the card to say in words.
+            return with_progress(record, self.store.redis, self.capacity, model)
         except Exception as exc:  # noqa: BLE001 - Redis or broker down: degrade to the rule cards
             log.warning("model job unavailable: %s", type(exc).__name__)
             return None

@@ -457,6 +457,11 @@ class JobRecord(BaseModel):
     error: str | None = None
     generated_tokens: int | None = None
     seconds: float | None = None
+    # Read live while the job waits (``job_progress.with_progress``), never stored: how many live workers
+    # serve its queue (0: the AI is unavailable), how many jobs are ahead of it, and the expected wait.
+    workers: int | None = None
+    ahead: int | None = None
+    expected_wait_s: float | None = None
 
     def wire(self) -> dict[str, Any]:
         """Return the JSON body without null fields."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from cds_service.wire import Card
+from cds_service.wire import Coding
 from cds_service.wire import JobRecord
 from cds_service.wire import Link
 from cds_service.wire import Source
@@ -19,6 +22,8 @@ AI_DISCLAIMER = (
     "do not act on this text without checking the record._"
 )
 MAX_EVIDENCE_LINKS = 5
+#: Topic codes of the cards that say where an AI analysis stands (``ai-queued``, ``ai-failed``, ...).
+AI_STATE_TOPICS = "https://github.com/medgemma-cds/medgemma-cds/ai-state"
 #: The names clinicians know Google's checkpoints by.
 KNOWN_MODELS = {
     "google/medgemma-4b-it": "MedGemma 4B",
@@ -56,16 +61,18 @@ def model_source(record: JobRecord) -> Source:
 
 
 def guarded_ai_cards(service_id: str, build: Callable[[], list[Card]]) -> list[Card]:
-    """Return the AI cards ``build`` makes, or none when it fails: an AI error never costs the rule cards.
+    """Return the AI cards ``build`` makes, or a card saying the AI analysis failed when it raises.
 
     A cached result that no longer validates, an image that isn't what it says, a record the prompt
-    builder can't read: the clinician still gets every rule card, and the error is logged (its type only).
+    builder can't read: the clinician still gets every rule card, learns that the AI part failed, and the
+    error is logged (its type only). A failure is never silence.
     """
     try:
         return build()
     except Exception as exc:  # noqa: BLE001 - whatever broke, the rules must still be answered
-        log.error("%s: AI card dropped after %s", service_id, type(exc).__name__)
-        return []
+        log.error("%s: AI card replaced by a failure card after %s", service_id, type(exc).__name__)
+        what = AI_ANALYSES.get(service_id, "AI analysis")
+        return [state_card(what, AiState("failed", "AI analysis failed", FAILED_TO_SHOW), None)]
 
 
 def cited_evidence(cited: list[str], offered: list[str]) -> list[str]:
@@ -85,14 +92,93 @@ def evidence_links(evidence: list[str], fhir_server: str | None) -> list[Link]:
     ]
 
 
-def pending_card(what: str, job_url: str) -> Card:
-    """Return the info card that says a model job is still running, linking to its status."""
+@dataclass(frozen=True)
+class AiState:
+    """A model job's state as a clinician reads it: a key, a headline and what it means for them."""
+
+    key: Literal["queued", "running", "done", "failed", "unavailable"]
+    headline: str
+    detail: str
+
+
+def ai_state(record: JobRecord | None) -> AiState:
+    """Return the state of a model job in plain words, the same on its card and on its page.
+
+    ``record`` carries the live progress (``workers``, ``ahead``, ``expected_wait_s``) when it waits; no
+    record means the job queue itself could not be reached.
+    """
+    if record is None:
+        return AiState("unavailable", "AI analysis unavailable", UNREACHABLE)
+    if record.state == "done":
+        return AiState("done", "AI analysis done", "The result is a draft that needs clinician review.")
+    if record.state == "failed":
+        return AiState("failed", "AI analysis failed", failure_words(record.error))
+    if record.workers == 0:
+        return AiState("unavailable", "AI analysis unavailable", NO_WORKER)
+    if record.state == "running":
+        return AiState("running", "AI analysis running", "Running: the model is working on it.")
+    if record.ahead is None:
+        where = "Queued behind many other analyses" if record.workers else "Queued"
+    elif record.ahead == 0:
+        where = "Queued: next in line"
+    else:
+        where = f"Queued: {record.ahead} ahead of it"
+    if record.expected_wait_s is not None:
+        where += f"; expected in about {_duration(record.expected_wait_s)}"
+    return AiState("queued", "AI analysis queued", where + ".")
+
+
+def failure_words(error: str | None) -> str:
+    """Return what failed, in words for a clinician (the record's error names internals for operators)."""
+    text = (error or "").lower()
+    if "secret_key" in text or "decrypt" in text:
+        reason = "the model service could not read the request (a configuration problem for its operators)"
+    elif "time limit" in text:
+        reason = "the model took longer than it is allowed to"
+    elif "gave up" in text:
+        reason = "the model failed on this record several times"
+    else:
+        reason = "the model's answer could not be used"
+    return f"What failed: {reason}. It is tried again when the chart is reopened in a few minutes."
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} seconds"
+    return f"{round(seconds / 60)} minutes"
+
+
+UNREACHABLE = (
+    "The AI job queue can't be reached now, so there is no AI result; it is asked for again next time."
+)
+NO_WORKER = (
+    "No model worker is running for it, so there is no AI result now. The analysis stays queued and runs "
+    "once a worker starts; reopen the chart later."
+)
+FAILED_TO_SHOW = "What failed: the AI result could not be shown."
+#: The name of each service's AI analysis, for cards made without the handler's help.
+AI_ANALYSES = {
+    "patient-summary": "Pre-visit summary",
+    "imaging-report-draft": "Imaging report draft",
+    "order-review": "Order review",
+    "order-sign-review": "Order review",
+}
+
+
+def state_card(what: str, state: AiState, job_url: str | None) -> Card:
+    """Return the info card that says where a model job stands, linking to its page when there is one."""
+    ending = {
+        "queued": "The rule cards stand on their own; reopen the chart to see the result.",
+        "running": "The rule cards stand on their own; reopen the chart to see the result.",
+        "unavailable": "The rule cards stand on their own.",
+        "failed": "The rule cards stand on their own.",
+    }.get(state.key, "")
     return Card(
-        summary=f"{what}: AI analysis is running",
-        detail=f"The model is still working. Reopen the chart to see the result.\n\n{AI_DISCLAIMER}",
+        summary=f"{what}: {state.headline}",
+        detail=f"{state.detail} {ending}\n\n{AI_DISCLAIMER}".replace(" \n", "\n"),
         indicator="info",
-        source=Source(label="MedGemma CDS"),
-        links=[Link(label="AI analysis status", url=job_url, type="absolute")],
+        source=Source(label="MedGemma CDS", topic=Coding(system=AI_STATE_TOPICS, code=f"ai-{state.key}")),
+        links=[Link(label="AI analysis status", url=job_url, type="absolute")] if job_url else [],
     )
 
 
@@ -126,23 +212,21 @@ def job_cards(
     job_url: Callable[[str], str],
     done: Callable[[JobRecord], Card | None],
 ) -> list[Card]:
-    """Return the card for a model job's state: its result when done, "running" while pending.
+    """Return the card for a model job: its result when done, else its state in words (queued, running,
+    failed, unavailable), so a job never ends in silence.
 
-    A failed job (e.g. output cut at max_new_tokens) shows no card; its error stays on the job record.
     ``done`` may return None when the finished result has nothing to say.
     """
-    if record is None or record.state == "failed":
-        return []
-    if record.state == "done":
+    if record is not None and record.state == "done":
         card = done(record) if record.result is not None else None
         return [card] if card is not None else []
-    return [pending_card(what, job_url(record.id))]
+    return [state_card(what, ai_state(record), job_url(record.id) if record is not None else None)]
 
 
 def summary_job_cards(
     record: JobRecord | None, offered: list[str], fhir_server: str | None, job_url: Callable[[str], str]
 ) -> list[Card]:
-    """Return the AI pre-visit summary card, the "running" card, or nothing, for a summary job."""
+    """Return the AI pre-visit summary card, or the summary job's state in words."""
 
     def done(finished: JobRecord) -> Card:
         output = PatientSummaryOutput.model_validate(finished.result)

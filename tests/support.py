@@ -316,3 +316,10 @@ def record_draft(
         requested_by="Practitioner/requester",
         evidence=[image_ref],
     )
+
+
+def waiting(what: str) -> set[str]:
+    """Return the summaries an AI card may have while its job waits (``fhir_mappings.ai_cards.ai_state``):
+    queued or running with a live worker, unavailable without one (whether one runs depends on what the
+    session started before)."""
+    return {f"{what}: AI analysis {state}" for state in ("queued", "running", "unavailable")}

@@ -79,7 +79,7 @@ def test_demo_prints_both_hooks_cards_and_stops_everything(cache_dir: Path) -> N
         or "AI analysis still running" in out
     )
     assert f"discovery:  http://127.0.0.1:{port}/cds-services" in out
-    if "Pre-visit summary: AI analysis is running" in out:
+    if "Pre-visit summary: AI analysis queued" in out or "Pre-visit summary: AI analysis running" in out:
         # The first call answered before the job was done: its status URL is printed.
         assert f"job status: http://127.0.0.1:{port}/jobs/" in out
     assert "https://sandbox.cds-hooks.org" in out

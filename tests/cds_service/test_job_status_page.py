@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from support import Issuer
+from support import RedisServer
 
 SUMMARY = "/cds-services/patient-summary"
 BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
@@ -20,6 +21,12 @@ FAMILY = "Quillfeather"
 
 def empty_bundle() -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "searchset", "total": 0}
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A database of this module's own: no worker heartbeats in it, so no worker serves the queue."""
+    return redis_server.new_database()
 
 
 @pytest.fixture
@@ -66,7 +73,9 @@ def test_a_browser_gets_a_page_that_refreshes_while_the_job_is_queued(
     assert response.status_code == 200
     assert response.mimetype == "text/html"
     page = response.get_data(as_text=True)
-    assert "Queued: waiting for a model worker" in page
+    # This module's Redis database has no worker heartbeats: the job waits for a worker that isn't there.
+    assert '<p class="state unavailable" id="state">AI analysis unavailable</p>' in page
+    assert "No model worker is running for it" in page
     assert '<meta http-equiv="refresh" content="5">' in page
     assert "AI-generated draft — requires clinician review; MedGemma is not a clinical-grade model" in page
     assert "Attempts" in page and "Queued" in page
@@ -129,7 +138,7 @@ def test_a_done_job_shows_its_result_readably_and_escaped(
     response = client.get(job_link, headers={"Accept": BROWSER})
     page = response.get_data(as_text=True)
     assert response.status_code == 200
-    assert '<p class="state done" id="state">Done</p>' in page
+    assert '<p class="state done" id="state">AI analysis done</p>' in page
     assert 'http-equiv="refresh"' not in page
     for heading in (
         "Summary",
@@ -155,5 +164,7 @@ def test_a_failed_job_says_so(app: Flask, client: FlaskClient, job_link: str) ->
     job_id = job_id_of(job_link)
     assert jobs.finish(job_id, {"state": "failed", "error": "model task exceeded its time limit"})
     page = client.get(job_link, headers={"Accept": BROWSER}).get_data(as_text=True)
-    assert ">Failed<" in page and "model task exceeded its time limit" in page
+    assert ">AI analysis failed<" in page and "the model took longer than it is allowed to" in page
+    # The record's error is for operators (JSON); the clinician's page says what failed in plain words.
+    assert "model task exceeded" not in page
     assert 'http-equiv="refresh"' not in page

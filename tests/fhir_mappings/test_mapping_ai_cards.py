@@ -13,8 +13,10 @@ from cds_service.wire import JobRecord
 from cds_service.wire import Source
 from fhir_mappings.ai_cards import AI_DISCLAIMER
 from fhir_mappings.ai_cards import MAX_EVIDENCE_LINKS
+from fhir_mappings.ai_cards import ai_state
 from fhir_mappings.ai_cards import cited_evidence
 from fhir_mappings.ai_cards import evidence_links
+from fhir_mappings.ai_cards import guarded_ai_cards
 from fhir_mappings.ai_cards import job_cards
 from fhir_mappings.ai_cards import model_display_name
 from fhir_mappings.ai_cards import model_source
@@ -124,31 +126,82 @@ def test_summary_ai_card_without_fhir_server_has_no_links() -> None:
     assert "links" not in summary_ai_card(output, _job("done", SUMMARY), OFFERED, None).wire()
 
 
-def test_job_cards_for_missing_and_failed_jobs_are_empty() -> None:
-    def never(_: JobRecord) -> Card:
-        raise AssertionError("no result to render")
+def never(_: JobRecord) -> Card:
+    raise AssertionError("no result to render")
 
-    assert job_cards(None, "Pre-visit summary", _job_url, never) == []
-    assert (
-        job_cards(_job("failed", error="cut at max_new_tokens"), "Pre-visit summary", _job_url, never) == []
+
+def test_a_failed_job_says_what_failed_in_plain_words() -> None:
+    (card,) = job_cards(
+        _job("failed", error="model task exceeded its time limit"), "Order review", _job_url, never
     )
+    assert card.summary == "Order review: AI analysis failed"
+    assert "What failed: the model took longer than it is allowed to." in (card.detail or "")
+    assert "model task exceeded" not in (card.detail or "")
+    assert card.source.topic is not None and card.source.topic.code == "ai-failed"
+    assert [link.url for link in card.links] == ["https://cds.test/jobs/job-failed"]
+    unreadable = "the job request does not decrypt: the API and the worker must share MEDGEMMA_CDS_SECRET_KEY"
+    (card,) = job_cards(_job("failed", error=unreadable), "Imaging report draft", _job_url, never)
+    assert "could not read the request (a configuration problem for its operators)" in (card.detail or "")
+    assert "SECRET_KEY" not in (card.detail or "")
+
+
+def test_no_job_record_means_the_ai_is_unavailable() -> None:
+    (card,) = job_cards(None, "Pre-visit summary", _job_url, never)
+    assert card.summary == "Pre-visit summary: AI analysis unavailable"
+    assert "can't be reached" in (card.detail or "") and card.links == []
+
+
+@pytest.mark.parametrize(
+    ("progress", "summary", "words"),
+    [
+        ({"workers": 0}, "AI analysis unavailable", "No model worker is running for it"),
+        (
+            {"workers": 2, "ahead": 0, "expected_wait_s": 4.2},
+            "AI analysis queued",
+            "Queued: next in line; expected in about 4 seconds.",
+        ),
+        (
+            {"workers": 1, "ahead": 3, "expected_wait_s": 600},
+            "AI analysis queued",
+            "Queued: 3 ahead of it; expected in about 10 minutes.",
+        ),
+        ({"workers": 1, "ahead": None}, "AI analysis queued", "Queued behind many other analyses."),
+        ({"workers": 1, "ahead": 2}, "AI analysis queued", "Queued: 2 ahead of it."),
+    ],
+)
+def test_a_queued_job_says_where_it_stands(progress: dict[str, Any], summary: str, words: str) -> None:
+    record = _job("queued").model_copy(update=progress)
+    (card,) = job_cards(record, "Pre-visit summary", _job_url, never)
+    assert card.summary == f"Pre-visit summary: {summary}"
+    assert words in (card.detail or "")
+    assert ai_state(record).headline == summary
 
 
 @pytest.mark.parametrize("state", ["queued", "running"])
 def test_job_cards_for_pending_jobs_link_to_the_status(state: str) -> None:
-    def never(_: JobRecord) -> Card:
-        raise AssertionError("no result to render")
-
-    (card,) = job_cards(_job(state), "Pre-visit summary", _job_url, never)
+    (card,) = job_cards(_job(state).model_copy(update={"workers": 1}), "Pre-visit summary", _job_url, never)
 
     body = card.wire()
     Card.model_validate(body)
-    assert body["summary"] == "Pre-visit summary: AI analysis is running"
+    assert body["summary"] == f"Pre-visit summary: AI analysis {state}"
     assert body["indicator"] == "info"
     assert AI_DISCLAIMER in body["detail"]
     assert body["links"] == [
         {"label": "AI analysis status", "url": f"https://cds.test/jobs/job-{state}", "type": "absolute"}
     ]
+
+
+def test_a_running_job_on_a_worker_that_died_is_unavailable() -> None:
+    assert ai_state(_job("running").model_copy(update={"workers": 0})).key == "unavailable"
+
+
+def test_an_error_building_the_ai_card_gives_a_failure_card() -> None:
+    def broken() -> list[Card]:
+        raise ValueError("a cached result that no longer validates")
+
+    (card,) = guarded_ai_cards("imaging-report-draft", broken)
+    assert card.summary == "Imaging report draft: AI analysis failed"
+    assert "a cached result" not in (card.detail or "")
 
 
 def test_job_cards_for_a_done_job_render_its_result() -> None:
@@ -168,10 +221,14 @@ def test_job_cards_for_a_done_job_render_its_result() -> None:
 def test_summary_job_cards_for_each_state() -> None:
     done = summary_job_cards(_job("done", SUMMARY), OFFERED, FHIR_SERVER, _job_url)
     assert [c.summary for c in done] == ["AI pre-visit summary (draft, needs clinician review)"]
-    queued = summary_job_cards(_job("queued"), OFFERED, FHIR_SERVER, _job_url)
-    assert [c.summary for c in queued] == ["Pre-visit summary: AI analysis is running"]
-    assert summary_job_cards(_job("failed"), OFFERED, FHIR_SERVER, _job_url) == []
-    assert summary_job_cards(None, OFFERED, FHIR_SERVER, _job_url) == []
+    queued = summary_job_cards(
+        _job("queued").model_copy(update={"workers": 1}), OFFERED, FHIR_SERVER, _job_url
+    )
+    assert [c.summary for c in queued] == ["Pre-visit summary: AI analysis queued"]
+    failed = summary_job_cards(_job("failed"), OFFERED, FHIR_SERVER, _job_url)
+    assert [c.summary for c in failed] == ["Pre-visit summary: AI analysis failed"]
+    missing = summary_job_cards(None, OFFERED, FHIR_SERVER, _job_url)
+    assert [c.summary for c in missing] == ["Pre-visit summary: AI analysis unavailable"]
 
 
 def test_prompts_carry_their_inputs() -> None:

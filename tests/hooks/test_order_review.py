@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from support import waiting
+
 PATH = "/cds-services/order-review"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 
@@ -102,9 +104,9 @@ def test_unselected_or_unrelated_orders_give_no_card(client, issuer, hook_body) 
     assert rule_cards(response) == []
     # Only MedGemma's review of the selected order is left: running, or finished if a test worker is up.
     for card in ai_cards(response):
-        assert card["summary"] == "Order review: AI analysis is running" or card["source"][
-            "label"
-        ].startswith("MedGemma AI draft")
+        assert card["summary"] in waiting("Order review") or card["source"]["label"].startswith(
+            "MedGemma AI draft"
+        )
 
 
 def test_draft_orders_that_is_not_a_bundle_is_400_naming_the_field(client, issuer, hook_body) -> None:
@@ -143,7 +145,7 @@ def test_a_partial_birth_date_costs_no_rule_card(client, issuer, hook_body) -> N
     response = client.post(PATH, json=body, headers=issuer.headers(PATH))
     assert response.status_code == 200, response.json
     assert [c["indicator"] for c in rule_cards(response)] == ["critical"]
-    assert [c["summary"] for c in ai_cards(response)] == ["Order review: AI analysis is running"]
+    assert [c["summary"] in waiting("Order review") for c in ai_cards(response)] == [True]
 
 
 def test_an_allergy_list_that_cannot_be_read_is_a_card_not_a_412(client, issuer, hook_body) -> None:
@@ -182,4 +184,5 @@ def test_a_cached_ai_result_that_no_longer_validates_costs_no_rule_card(
 
     assert again.status_code == 200, again.json
     assert [c["indicator"] for c in rule_cards(again)] == ["critical"]
-    assert ai_cards(again) == []
+    # Not silence: the AI part says it failed, without the error's internals.
+    assert [c["summary"] for c in ai_cards(again)] == ["Order review: AI analysis failed"]
