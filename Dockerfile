@@ -35,8 +35,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MEDGEMMA_CDS_TRUSTED_ISSUERS=/etc/medgemma-cds/trusted-issuers.json
 RUN groupadd --system --gid 10001 medgemma \
     && useradd --system --uid 10001 --gid medgemma --home-dir /home/medgemma --create-home medgemma \
-    && mkdir -p /cache/huggingface /models /etc/medgemma-cds \
-    && chown medgemma:medgemma /cache/huggingface /models
+    && mkdir -p /cache/huggingface /models /etc/medgemma-cds /run/medgemma-cds \
+    && chown medgemma:medgemma /cache/huggingface /models /run/medgemma-cds
 COPY --from=builder /opt/venv /opt/venv
 # The CDS Hooks sandbox as the one trusted issuer (its public JWKS ships with the package); mount another
 # trust file over it, or point MEDGEMMA_CDS_TRUSTED_ISSUERS elsewhere, for a real EHR. Anyone can mint the

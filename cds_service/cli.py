@@ -315,6 +315,22 @@ def call(args: argparse.Namespace) -> int:
     return 0
 
 
+def init_secret(args: argparse.Namespace) -> int:
+    """Write a random secret key to a file once (mode 0600), for services that read SECRET_KEY_FILE."""
+    import secrets
+
+    path: Path = args.path
+    if path.is_file() and path.read_text(encoding="utf-8").strip():
+        print(f"secret key kept: {path} exists")
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        out.write(secrets.token_urlsafe(48) + "\n")
+    print(f"secret key written to {path}")
+    return 0
+
+
 def version() -> str:
     """Return the installed version of medgemma-cds."""
     from importlib.metadata import PackageNotFoundError
@@ -459,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler", action="store_true", help="only check that a precompute --daily-at scheduler runs"
     )
     p.set_defaults(func=check)
+
+    p = command("init-secret", "write a random secret key to a file once (docker compose's init service)")
+    p.add_argument("path", type=Path, help="file to write; kept as it is when it already holds a key")
+    p.set_defaults(func=init_secret)
 
     p = command("db-upgrade", "apply the database migrations")
     p.set_defaults(func=db_upgrade)

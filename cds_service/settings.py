@@ -8,12 +8,15 @@ import json
 import re
 import secrets
 from pathlib import Path
+from typing import Any
 from typing import get_origin
 from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic import SecretStr
 from pydantic import ValidationError
+from pydantic import field_validator
+from pydantic import model_validator
 from pydantic_settings import BaseSettings
 from pydantic_settings import SettingsConfigDict
 from pydantic_settings import SettingsError
@@ -119,6 +122,9 @@ class Settings(BaseSettings):
         default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
         description="Signs review-page links; set it in production (a random default dies with the process).",
     )
+    secret_key_file: Path | None = None
+    """File holding SECRET_KEY, read when MEDGEMMA_CDS_SECRET_KEY is unset (docker compose's init service
+    writes one into a volume the API and the workers share); an exported SECRET_KEY wins."""
     review_link_ttl_s: int = Field(default=12 * 3600, ge=60)
     """Lifetime of the signed links on cards (job status, development review link)."""
 
@@ -173,6 +179,27 @@ class Settings(BaseSettings):
     """Seconds after which a model job is asked to stop and marked failed."""
     task_time_limit_s: int = Field(default=360, ge=10)
     """Seconds after which a model job's worker process is killed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_key_from_file(cls, data: Any) -> Any:
+        """Read SECRET_KEY from SECRET_KEY_FILE when it isn't given itself (an unreadable file is reported by
+        the field's own check)."""
+        if isinstance(data, dict) and not data.get("secret_key") and data.get("secret_key_file"):
+            try:
+                secret = Path(data["secret_key_file"]).read_text(encoding="utf-8").strip()
+            except OSError:
+                return data
+            if secret:
+                return {**data, "secret_key": secret}
+        return data
+
+    @field_validator("secret_key_file")
+    @classmethod
+    def _secret_key_file_is_readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("no such file")
+        return value
 
     @property
     def development(self) -> bool:

@@ -10,12 +10,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import check_jsonschema  # noqa: F401  (its vendored compose-spec schema)
+import jsonschema
 import pytest
 import yaml
 from support import ROOT
 
 from cds_service.cli import build_parser
 from cds_service.settings import Settings
+from cds_service.settings import SettingsProblem
+from cds_service.settings import load_settings
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 GPU_WORKERS = ("worker-text", "worker-image")
@@ -111,7 +115,7 @@ def test_the_api_reaches_postgres_and_redis_in_the_stack(compose: dict[str, Any]
 
 def test_long_lived_services_have_healthchecks(compose: dict[str, Any]) -> None:
     one_shot = {name for name, svc in compose["services"].items() if svc.get("restart") == "no"}
-    assert one_shot == {"seed", "tiny-model"}
+    assert one_shot == {"init", "seed", "tiny-model"}
     for name, service in compose["services"].items():
         if name not in one_shot:
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
@@ -154,13 +158,11 @@ def test_named_volumes_are_declared(compose: dict[str, Any]) -> None:
 
 
 def test_cpu_env_file_points_every_model_at_the_tiny_checkpoint() -> None:
-    values = dict(
-        line.split("=", 1)
-        for line in (ROOT / "deploy" / "cpu.env").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    values = env_file(ROOT / "deploy" / "cpu.env")
     assert values["COMPOSE_PROFILES"] == "cpu"
     assert values["MEDGEMMA_CDS_TEXT_MODEL"] == values["MEDGEMMA_CDS_IMAGE_MODEL"] == "/models/tiny"
+    # Plain `docker compose up` reads .env: the same CPU stack.
+    assert env_file(ROOT / ".env") == values
     for variable in values:
         if variable.startswith("MEDGEMMA_CDS_"):
             assert variable.removeprefix("MEDGEMMA_CDS_").lower() in Settings.model_fields
@@ -294,3 +296,152 @@ def test_hapi_runs_r4_on_postgres_with_rest_hook_subscriptions(
     assert properties["hapi.fhir.fhir_version"] == "R4"
     assert properties["hapi.fhir.subscription.resthook_enabled"] == "true"
     assert properties["hapi.fhir.server_address"] == "http://fhir:8080/fhir"
+
+
+# --- The file as `docker compose config` resolves it ----------------------------------------------------
+# The Docker engine and its compose plugin are not on the test machines, so what `docker compose config` does
+# for this file is done here: read the env file (.env unless --env-file names another) under the shell's
+# variables, interpolate (${VAR}, ${VAR:-default}, ${VAR:?error}, $$), pick the profile's services, pass
+# valueless environment entries through from the shell, then check the result against the compose spec.
+
+COMPOSE_SCHEMA = (
+    Path(sys.modules["check_jsonschema"].__file__).parent / "builtin_schemas/vendor/compose-spec.json"
+)
+_VARIABLE = re.compile(r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+
+
+class MissingVariable(Exception):
+    """A ``${VAR:?error}`` whose variable is unset: compose refuses the file with the error."""
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """Return the ``KEY=VALUE`` lines of an env file (comments and blank lines left out)."""
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def interpolate(value: Any, variables: dict[str, str]) -> Any:
+    """Return ``value`` with compose's variable syntax replaced, in every string at every depth."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, variables) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(found: re.Match[str]) -> str:
+        if found.group(0) == "$$":
+            return "$"
+        name, op, arg = found.group("braced"), found.group("op"), found.group("arg")
+        present = variables.get(name)
+        unset = present is None or (op is not None and op.startswith(":") and present == "")
+        if op and op.endswith("?") and unset:
+            raise MissingVariable(f"{name}: {arg}")
+        if op and op.endswith("-") and unset:
+            return str(arg)
+        return present or ""
+
+    return _VARIABLE.sub(replace, value)
+
+
+def resolved_config(shell: dict[str, str], env_path: Path = ROOT / ".env") -> dict[str, Any]:
+    """Return the configuration ``docker compose [--env-file ENV] config`` prints, for a shell environment."""
+    variables = env_file(env_path) | shell
+    document = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), variables)
+    profiles = set(filter(None, variables.get("COMPOSE_PROFILES", "").split(",")))
+    services = {}
+    for name, service in document["services"].items():
+        if service.get("profiles") and not profiles & set(service["profiles"]):
+            continue
+        environment = service.get("environment", {})
+        service["environment"] = {
+            key: value if value is not None else variables[key]
+            for key, value in environment.items()
+            if value is not None or key in variables
+        }
+        services[name] = service
+    document["services"] = services
+    return {key: value for key, value in document.items() if not key.startswith("x-")}
+
+
+COMMON = {"init", "fhir-db", "fhir", "seed", "redis", "cds-db", "api", "beat"}
+PROFILES = {
+    "default": (ROOT / ".env", COMMON | {"tiny-model", "worker-cpu", "worker-cpu-image"}),
+    "cpu": (ROOT / "deploy" / "cpu.env", COMMON | {"tiny-model", "worker-cpu", "worker-cpu-image"}),
+    "gpu": (ROOT / "deploy" / "gpu.env", COMMON | {"worker-text", "worker-image"}),
+}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_compose_config_resolves_with_nothing_exported(profile: str) -> None:
+    env_path, expected = PROFILES[profile]
+    config = resolved_config({}, env_path)
+    services = config["services"]
+    assert set(services) == expected
+    jsonschema.validate(config, json.loads(COMPOSE_SCHEMA.read_text()))
+    for name, service in services.items():
+        assert "${" not in json.dumps(service), name
+        for target in service.get("depends_on", {}):
+            assert target in services, f"{name} depends on {target}, which {profile} doesn't run"
+    # One secret for the whole stack, written by init into the volume the others read; none in the file.
+    init_volume = services["init"]["volumes"][0].split(":")
+    assert (
+        init_volume[1] == "/run/medgemma-cds"
+        and services["init"]["command"][-1] == "/run/medgemma-cds/secret_key"
+    )
+    readers = [name for name, svc in services.items() if "MEDGEMMA_CDS_SECRET_KEY_FILE" in svc["environment"]]
+    assert set(readers) == {"api", "beat"} | {n for n in services if n.startswith("worker-")}
+    for name in readers:
+        service = services[name]
+        assert service["environment"]["MEDGEMMA_CDS_SECRET_KEY_FILE"] == "/run/medgemma-cds/secret_key"
+        assert "MEDGEMMA_CDS_SECRET_KEY" not in service["environment"]
+        assert f"{init_volume[0]}:/run/medgemma-cds:ro" in service["volumes"]
+        assert service["depends_on"]["init"]["condition"] == "service_completed_successfully"
+        # Development mode, said in the file's comments and on by default.
+        assert service["environment"]["MEDGEMMA_CDS_DEV_MODE"] == "true"
+        # The API names the model in a job's id, the worker loads what the job names: the same everywhere.
+        for role in ("TEXT", "IMAGE"):
+            assert (
+                service["environment"][f"MEDGEMMA_CDS_{role}_MODEL"]
+                == services["api"]["environment"][f"MEDGEMMA_CDS_{role}_MODEL"]
+            )
+    models = services["api"]["environment"]["MEDGEMMA_CDS_TEXT_MODEL"]
+    assert models == ("google/medgemma-27b-text-it" if profile == "gpu" else "/models/tiny")
+    assert "DEVELOPMENT MODE" in COMPOSE_FILE.read_text()
+
+
+def test_an_exported_value_wins_over_the_compose_defaults() -> None:
+    shell = {
+        "MEDGEMMA_CDS_SECRET_KEY": "an-exported-secret-of-enough-length-1234",
+        "MEDGEMMA_CDS_DEV_MODE": "false",
+    }
+    services = resolved_config(shell)["services"]
+    for name in ("api", "beat", "worker-cpu"):
+        environment = services[name]["environment"]
+        assert environment["MEDGEMMA_CDS_SECRET_KEY"] == shell["MEDGEMMA_CDS_SECRET_KEY"]
+        assert environment["MEDGEMMA_CDS_DEV_MODE"] == "false"
+    with pytest.raises(MissingVariable):
+        interpolate("${NEEDED:?set NEEDED}", {})
+
+
+def test_the_init_secret_is_read_by_the_settings_and_an_exported_one_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret_file = tmp_path / "run" / "secret_key"
+    command = [str(Path(sys.executable).parent / "medgemma-cds"), "init-secret", str(secret_file)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and "written" in first.stdout
+    written = secret_file.read_text().strip()
+    assert len(written) >= 32 and secret_file.stat().st_mode & 0o777 == 0o600
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert "kept" in again.stdout and secret_file.read_text().strip() == written  # restarts keep the key
+
+    monkeypatch.setenv("MEDGEMMA_CDS_SECRET_KEY_FILE", str(secret_file))
+    monkeypatch.delenv("MEDGEMMA_CDS_SECRET_KEY", raising=False)
+    assert load_settings().secret_key.get_secret_value() == written
+    monkeypatch.setenv("MEDGEMMA_CDS_SECRET_KEY", "exported-" + "x" * 32)
+    assert load_settings().secret_key.get_secret_value() == "exported-" + "x" * 32
+    monkeypatch.delenv("MEDGEMMA_CDS_SECRET_KEY")
+    monkeypatch.setenv("MEDGEMMA_CDS_SECRET_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsProblem, match="MEDGEMMA_CDS_SECRET_KEY_FILE"):
+        load_settings()
