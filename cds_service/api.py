@@ -29,6 +29,7 @@ from cds_service.jobs import JobQueue
 from cds_service.jobs import live_workers
 from cds_service.metrics import count_feedback
 from cds_service.metrics import count_job_lookup
+from cds_service.metrics import count_limit
 from cds_service.metrics import count_tolerated
 from cds_service.metrics import observe_prefetch
 from cds_service.registry import ServiceDefinition
@@ -121,6 +122,7 @@ def call_service(service_id: str) -> Response:
             drafts=deps.drafts,
             owner=DraftOwner.of(claims),
             on_fetch=observe_prefetch,
+            on_limit=lambda limit: count_limit(definition.id, limit),
             today=deps.today(),
             redis_client=deps.redis,
         )

@@ -26,10 +26,12 @@ from cds_service.prefetch import resolve_prefetch
 from cds_service.registry import ServiceDefinition
 from cds_service.settings import Settings
 from cds_service.wire import HOOK_CONTEXTS
+from cds_service.wire import Card
 from cds_service.wire import HookCall
 from cds_service.wire import HookRequest
 from cds_service.wire import HookResponse
 from cds_service.wire import ModelJobs
+from cds_service.wire import Source
 from fhir_mappings.read_models import read_resource
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -137,17 +139,22 @@ def run_service(
     on_fetch: Callable[[float], None] = lambda seconds: None,
     today: date | None = None,
     redis_client: redis.Redis | None = None,
+    on_limit: Callable[[str], None] = lambda limit: None,
 ) -> tuple[HookCall, HookResponse]:
     """Run one hook call end to end (after auth) and return the call and the handler's response.
 
     ``today`` is the day of the call (default: the local date), which the model's context ages the patient by.
     ``redis_client`` is where workers leave the picture an imaging job read, for the draft it makes.
     ``owner`` is the caller the JWT named: drafts the call makes belong to it.
+    ``on_limit`` hears of each limit the call met (``draft-orders``, ``prefetch-entries``, ``cards``), for
+    /metrics.
     """
     tolerated: Counter[str] = Counter()
     hook_request, context, draft_orders, appointments, unchecked = parse_hook_call(
         definition, body, settings, tolerated
     )
+    if unchecked:
+        on_limit("draft-orders")
 
     token = hook_request.fhir_authorization.access_token if hook_request.fhir_authorization else None
     fhir_server = hook_request.fhir_server
@@ -162,9 +169,10 @@ def run_service(
             allow_http_loopback=settings.fhir_allow_http_loopback,
         )
 
+    sent, cut = limit_prefetch_entries(hook_request.prefetch or {}, settings.max_prefetch_entries)
     prefetched = resolve_prefetch(
         definition.prefetch,
-        hook_request.prefetch or {},
+        sent,
         context,
         open_reader if fhir_server else None,
         executor,
@@ -199,4 +207,62 @@ def run_service(
         if drafts is not None
         else None,
     )
-    return call, definition.handler(call)
+    response = definition.handler(call)
+    for key, count in cut.items():
+        on_limit("prefetch-entries")
+        response.cards.append(not_read_card(key, count, settings.max_prefetch_entries))
+    if len(response.cards) > settings.max_cards:
+        on_limit("cards")
+        response.cards[:] = capped_cards(response.cards, settings.max_cards)
+    return call, response
+
+
+#: Severity order of card indicators, most urgent first.
+_URGENCY = {"critical": 0, "warning": 1, "info": 2}
+#: How many of the cards rolled into one are named in its detail.
+ROLLED_UP_NAMED = 30
+
+
+def limit_prefetch_entries(prefetch: dict[str, Any], limit: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """Return the prefetch with every Bundle cut to its first ``limit`` entries, and how many each lost.
+
+    Checks run per order against each entry read: the cut bounds a call's rule work whatever the body holds.
+    """
+    cut: dict[str, int] = {}
+    kept = dict(prefetch)
+    for key, value in prefetch.items():
+        entries = value.get("entry") if isinstance(value, dict) else None
+        if isinstance(entries, list) and len(entries) > limit:
+            kept[key] = {**value, "entry": entries[:limit]}
+            cut[key] = len(entries) - limit
+    return kept, cut
+
+
+def not_read_card(key: str, count: int, limit: int) -> Card:
+    """Return the card saying a prefetch Bundle was cut: its later entries were never checked."""
+    return Card(
+        summary=f"Not checked: {count} more '{key}' entries (too large: at most {limit} are read)"[:139],
+        detail=(
+            f"The record sent {limit + count} '{key}' entries in one call; only the first {limit} were read, "
+            "so no check was made against the rest. Review them yourself."
+        ),
+        indicator="warning",
+        source=Source(label="MedGemma CDS"),
+    )
+
+
+def capped_cards(cards: list[Card], limit: int) -> list[Card]:
+    """Return at most ``limit`` cards: the most urgent ``limit - 1`` in their order, then one card counting
+    (and naming the first of) the rest, as urgent as the most urgent of them."""
+    ranked = sorted(range(len(cards)), key=lambda i: _URGENCY[cards[i].indicator])
+    shown = sorted(ranked[: limit - 1])
+    rest = [cards[i] for i in ranked[limit - 1 :]]
+    named = "\n".join(f"- {card.summary}" for card in rest[:ROLLED_UP_NAMED])
+    more = f"\n- and {len(rest) - ROLLED_UP_NAMED} more" if len(rest) > ROLLED_UP_NAMED else ""
+    rolled_up = Card(
+        summary=f"{len(rest)} more findings (too large to show: at most {limit} cards per call)",
+        detail=f"Findings not shown as cards:\n\n{named}{more}",
+        indicator=min((card.indicator for card in rest), key=_URGENCY.__getitem__),
+        source=Source(label="MedGemma CDS"),
+    )
+    return [cards[i] for i in shown] + [rolled_up]

@@ -258,6 +258,7 @@ class Metrics:
     job_lookups: Counter
     feedback: Counter
     tolerated: Counter
+    limits: Counter
     service_ids: frozenset[str]
 
     @classmethod
@@ -308,6 +309,13 @@ class Metrics:
                 "Repairs made reading inbound FHIR that strict R4 rejects (prefetch, draftOrders, reads), "
                 "by kind; see README 'What is tolerated'.",
                 ["service", "kind"],
+                registry=own,
+            ),
+            limits=Counter(
+                "medgemma_cds_limits",
+                "Hook calls that met a per-call limit, by service and limit: draft-orders, prefetch-entries "
+                "(the rest was not checked, and a card says so) or cards (the rest rolled into one card).",
+                ["service", "limit"],
                 registry=own,
             ),
             service_ids=service_ids,
@@ -368,6 +376,13 @@ def count_tolerated(service_id: str, tolerated: Mapping[str, int]) -> None:
     if metrics is not None:
         for kind, count in tolerated.items():
             metrics.tolerated.labels(service=service_id, kind=kind).inc(count)
+
+
+def count_limit(service_id: str, limit: str) -> None:
+    """Count a hook call that met a per-call limit; pass it (bound to the service) as ``on_limit``."""
+    metrics = _metrics()
+    if metrics is not None:
+        metrics.limits.labels(service=service_id, limit=limit).inc()
 
 
 def count_job_lookup(hit: bool) -> None:

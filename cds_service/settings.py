@@ -165,6 +165,11 @@ class Settings(BaseSettings):
     """Most prefetch keys accepted in one hook call."""
     max_draft_orders: int = Field(default=100, ge=1)
     """Most draft orders read from one order-select or order-sign call."""
+    max_prefetch_entries: int = Field(default=100, ge=1)
+    """Most entries read from each prefetch Bundle (each order is checked against at most these); a card names
+    what was not read."""
+    max_cards: int = Field(default=20, ge=2)
+    """Most cards one service answers per call; further findings are rolled into one card that counts them."""
     max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest image (PNG, JPEG, DICOM) a worker fetches for a model job, in bytes as received."""
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
