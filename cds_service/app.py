@@ -40,6 +40,7 @@ from cds_service.settings import purpose_key
 from cds_service.store import AuditWriter
 from cds_service.store import Store
 from fhir_mappings.drugs import preload as preload_drug_vocabulary
+from fhir_mappings.patient_rules import preload as preload_medication_rules
 from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
 
     # The drug vocabulary loads once per process here, not on the first clinician's order.
     preload_drug_vocabulary()
+    preload_medication_rules()
     app.extensions["cds"] = Services(
         settings=settings,
         registry=load_registry(),

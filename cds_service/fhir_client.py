@@ -16,6 +16,8 @@ from cds_service.fhir_guard import check_fhir_server_url
 
 MAX_REDIRECTS = 3
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+#: Pages of one search read at most: a longer list keeps its ``next`` link, and the checks say it is partial.
+MAX_SEARCH_PAGES = 5
 
 
 class FhirReadError(Exception):
@@ -74,6 +76,39 @@ class FhirReader:
         if not isinstance(data, dict):
             raise FhirReadError("invalid", "FHIR server sent JSON that is not a resource")
         return data, elapsed
+
+    def read_search(
+        self, relative_url: str, max_pages: int = MAX_SEARCH_PAGES
+    ) -> tuple[dict[str, Any], float]:
+        """Read a search and follow its ``next`` links under the same base, up to ``max_pages`` pages.
+
+        The entries of every page are joined in the first page's Bundle; the last page's links stay, so a
+        list longer than the bound still says it has a next page.
+        """
+        data, seconds = self.read(relative_url)
+        base = self._base.rstrip("/")
+        for _ in range(max_pages - 1):
+            if data.get("resourceType") != "Bundle":
+                break
+            links = data.get("link") if isinstance(data.get("link"), list) else []
+            following = next(
+                (
+                    link.get("url")
+                    for link in links
+                    if isinstance(link, dict) and link.get("relation") == "next"
+                ),
+                None,
+            )
+            target = urljoin(self._base, following) if isinstance(following, str) else ""
+            # Only the same server's pages: a link elsewhere is not followed with this token.
+            if not (target.startswith(base + "/") or target.startswith(base + "?")):
+                break
+            page, more = self.read(target)
+            seconds += more
+            entries = page.get("entry") if isinstance(page.get("entry"), list) else []
+            data["entry"] = (data.get("entry") if isinstance(data.get("entry"), list) else []) + entries
+            data["link"] = page.get("link", [])
+        return data, seconds
 
     def read_bytes(self, url: str, *, max_bytes: int) -> bytes:
         """GET an attachment URL (relative to the base, or absolute and allowlisted); return its bytes.

@@ -215,7 +215,11 @@ def resolve_prefetch(
     futures = {}
     if to_fetch and open_reader is not None:
         reader = open_reader()
-        futures = {key: executor.submit(reader.read, query) for key, query in to_fetch.items()}
+        # A search's next pages on the same server are read too (bounded): a safety list is whole or says not.
+        futures = {
+            key: executor.submit(reader.read_search if answer_type(query) == "Bundle" else reader.read, query)
+            for key, query in to_fetch.items()
+        }
     failures: list[tuple[str, FhirReadError]] = []
     for key, future in futures.items():
         try:

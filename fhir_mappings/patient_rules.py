@@ -23,6 +23,7 @@ from fhir_mappings.interactions import DrugSet
 from fhir_mappings.interactions import Severity
 from fhir_mappings.interactions import acts_systemically
 from fhir_mappings.interactions import drug_set
+from fhir_mappings.interactions import interaction_rules
 from fhir_mappings.labs import PatientFacts
 from fhir_mappings.labs import condition_matches
 
@@ -113,8 +114,9 @@ def _rules() -> dict[str, Any]:
 
 
 def preload() -> None:
-    """Load the rules now (once per process)."""
+    """Load the interaction and patient rules now (once per process), so no hook call pays for it."""
     _rules()
+    interaction_rules()
 
 
 def _to_mg(value: float, unit: str) -> float | None:

@@ -259,3 +259,34 @@ def test_patient_data_that_cannot_be_read_is_an_info_card(client, issuer) -> Non
     (card,) = topics(response)["not-checked"]
     assert card["indicator"] == "info"
     assert "kidney function, potassium and pregnancy tests, conditions, age and sex" in card["summary"]
+
+
+def test_fhir_server_pages_are_followed_on_the_same_server(fhir_server) -> None:
+    import httpx
+
+    from cds_service.fhir_client import FhirReader
+
+    patient = fhir_server.post({"resourceType": "Patient", "gender": "male", "birthDate": "1960-01-01"})
+    for index in range(12):
+        fhir_server.post(
+            {
+                "resourceType": "MedicationRequest",
+                "status": "active",
+                "intent": "order",
+                "subject": {"reference": f"Patient/{patient['id']}"},
+                "medicationCodeableConcept": {"text": f"Drug {index}"},
+            }
+        )
+    with httpx.Client() as http:
+        reader = FhirReader(
+            http, fhir_server.base_url, fhir_server.token, allowlist=[], allow_http_loopback=True
+        )
+        query = f"MedicationRequest?patient={patient['id']}&_count=5"
+        first, _ = reader.read(query)
+        assert len(first["entry"]) == 5 and any(link["relation"] == "next" for link in first["link"])
+        whole, _ = reader.read_search(query)
+        assert len(whole["entry"]) == 12
+        assert not any(link["relation"] == "next" for link in whole["link"])
+        bounded, _ = reader.read_search(query, max_pages=2)
+        assert len(bounded["entry"]) == 10
+        assert any(link["relation"] == "next" for link in bounded["link"])
