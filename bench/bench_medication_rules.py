@@ -114,7 +114,12 @@ def main() -> None:
     """Score the pair set and the order sets, then time loading, identify() and the two checks."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=Path, default=CASES)
-    parser.add_argument("--sets", type=Path, nargs="*", default=sorted(DATA.glob("medication_blind_*.json")))
+    parser.add_argument(
+        "--sets",
+        type=Path,
+        nargs="*",
+        default=[*sorted(DATA.glob("medication_blind_*.json")), DATA / "medication_order_examples.json"],
+    )
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
     cases = json.loads(args.cases.read_text(encoding="utf-8"))["cases"]

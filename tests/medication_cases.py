@@ -242,15 +242,18 @@ class Score:
     tn: int = 0
     fp: int = 0
     same_severity: int = 0
+    # Missed positives that still got a warning saying something could not be checked (not silent).
+    said_not_checked: int = 0
     wrong: list[str] = field(default_factory=list)
 
-    def add(self, case: dict[str, Any], indicator: str | None) -> None:
-        """Count one judged case."""
+    def add(self, case: dict[str, Any], indicator: str | None, not_checked: bool = False) -> None:
+        """Count one judged case (``not_checked``: a not-checked warning came with the answer)."""
         expected = case["expected"]
         alert = indicator is not None
         if expected["alert"]:
             self.tp += alert
             self.fn += not alert
+            self.said_not_checked += not alert and not_checked
             self.same_severity += alert and indicator == expected.get("severity")
         else:
             self.tn += not alert
@@ -274,6 +277,7 @@ class Score:
             f"{label:<26} recall={self.recall:.3f} ({self.tp}/{self.tp + self.fn}) "
             f"specificity={self.specificity:.3f} ({self.tn}/{self.tn + self.fp}) "
             f"severity-agree={self.same_severity}/{self.tp}"
+            + (f" misses-with-not-checked={self.said_not_checked}/{self.fn}" if self.fn else "")
         )
 
 
@@ -285,6 +289,10 @@ def score_cases(
     scores: dict[tuple[str, str], Score] = {}
     for case in cases:
         for hook, body in case_bodies(case, today).items():
-            answer = post(SERVICES[hook], body)
-            scores.setdefault((case["kind"], hook), Score()).add(case, judged(answer["cards"], case["kind"]))
+            cards = post(SERVICES[hook], body)["cards"]
+            warned = any(
+                (c["source"].get("topic") or {}).get("code") == "not-checked" and c["indicator"] != "info"
+                for c in cards
+            )
+            scores.setdefault((case["kind"], hook), Score()).add(case, judged(cards, case["kind"]), warned)
     return scores
