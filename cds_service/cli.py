@@ -81,6 +81,9 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("post_worker_init", lambda worker: tune_gc())
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
+            # gunicorn's control socket sits at one path per user ($HOME/.gunicorn/gunicorn.ctl): a second
+            # instance on the machine would take it over from the first. Nothing here uses gunicornc.
+            self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
             return create_app(settings)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 from support import FhirServer
 from support import Issuer
 from support import LiveServer
 from support import fhir_access
+from support import free_port
+from support import service_env
+from support import wait_for_http
 
 
 def test_discovery_over_http_with_cors(live_server: LiveServer) -> None:
@@ -34,3 +41,23 @@ def test_patient_view_over_http_reads_fhir_server(
     assert response.json()["cards"][0]["summary"] == "1 active problem, 3 active medications, 3 allergies"
     replay = httpx.post(live_server.url + path, json=body, headers={"Authorization": f"Bearer {token}"})
     assert replay.status_code == 401
+
+
+def test_two_instances_on_one_machine_share_no_control_socket(
+    database_url: str, redis_url: str, issuer: Issuer, tmp_path: Path
+) -> None:
+    # gunicorn's default control socket is one path per user: a second instance would take it over.
+    port = free_port()
+    env = service_env(database_url, redis_url, issuer, f"http://127.0.0.1:{port}", HOME=str(tmp_path))
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port), "--workers", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        assert not (tmp_path / ".gunicorn").exists()
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
