@@ -1,4 +1,4 @@
--- Shared by new_chart.lua and same_chart.lua (loaded with dofile): numbers the threads, counts answers
+-- Loaded by new_chart.lua (with dofile): numbers the threads, counts answers
 -- without a card, and prints one JSON line that bench_hooks.py parses.
 --
 -- wrk runs every thread in its own Lua state; done() runs in the main one and reads the threads' counters.
