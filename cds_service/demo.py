@@ -1,14 +1,20 @@
-"""The one-command local demo: start what is missing, fire both hooks for a synthetic patient, show cards.
+"""The one-command local demo: the whole loop for synthetic patients, from hook to signed report.
 
-``medgemma-cds demo`` needs no FHIR server: the prefetch of each call is answered from the sample transaction
-Bundle shipped in ``cds_service/data/sample``, as an EHR that prefetches everything would send it. It starts
-Redis (when none answers at the configured local address), the API (``medgemma-cds serve``, authentication
-off, a SQLite database in a temporary folder) and a text model worker (the tiny random-weight checkpoint
-unless ``MEDGEMMA_CDS_TEXT_MODEL``/``IMAGE_MODEL`` name real models), and stops it all on Ctrl-C or at exit.
+``medgemma-cds demo`` starts what is missing: Redis (when none answers at the configured local address), a
+FHIR server (sekmet-fhir, with the sample patients and a chest X-ray), the API (``medgemma-cds serve`` in
+development mode, SQLite in a temporary folder) and a text and an image worker (the tiny random-weight
+checkpoint unless ``MEDGEMMA_CDS_TEXT_MODEL``/``IMAGE_MODEL`` name real models). It fires patient-view,
+order-select (a draft order that duplicates an active drug) and patient-view for the patient with the chest
+X-ray, shows the cards and the AI cards as they arrive, has the imaging draft signed through the development
+review link, and reads the final report and its Provenance back from the FHIR server. It stays up until
+Ctrl-C (``--once`` signs the draft itself and stops), and stops all it started whichever way it ends.
+
+The sample as prefetch (``hook_bodies``) serves the benchmarks and tests that call without a FHIR server.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -34,11 +40,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from cds_service.dev_issuer import mint_token
 from cds_service.settings import Settings
 
 SAMPLE_DATA = Path(__file__).parent / "data" / "sample"
 DEMO_BUNDLE = SAMPLE_DATA / "Kermit_Trantow_f1a650a5-737e-4fd7-828e-03c3348b9524.json"
 DEMO_USER = "Practitioner/demo-clinician"
+DEMO_SIGNER = "Dr Demo Clinician"
 SANDBOX_URL = "https://sandbox.cds-hooks.org"
 DEMO_SERVICES = {"patient-view": "patient-summary", "order-select": "order-review"}
 # The demo patient has an active order for hydrochlorothiazide 25 mg; a new order for it is duplicate therapy.
@@ -484,13 +492,178 @@ def workers_on(settings: Settings, queue: str) -> list[str]:
 # --- The demo --------------------------------------------------------------------------------------------
 
 
+# --- The demo's FHIR server ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FhirServer:
+    """The demo's FHIR R4 server (sekmet-fhir): the synthetic patients, a chest X-ray, and where signed
+    reports are written back to and read from."""
+
+    base: str
+    token: str
+    patients: dict[str, str]
+
+    def headers(self) -> dict[str, str]:
+        """Return the headers of a request to the server."""
+        return {"Authorization": f"Bearer {self.token}", "Accept": "application/fhir+json"}
+
+    def access(self, patient_id: str) -> dict[str, Any]:
+        """Return the ``fhirServer`` and ``fhirAuthorization`` an EHR sends (§FHIR Resource Access)."""
+        authorization = {
+            "access_token": self.token,
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "scope": "patient/*.read",
+            "subject": "medgemma-cds-demo",
+            "patient": patient_id,
+        }
+        return {"fhirServer": self.base, "fhirAuthorization": authorization}
+
+
+def free_port() -> int:
+    """Return a TCP port free on the loopback interface now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_fhir_server(processes: Processes, workdir: Path, http: httpx.Client) -> FhirServer:
+    """Start sekmet-fhir on a free port; load the sample patients and Louis Erdman's chest X-ray."""
+    sekmet = Path(sys.executable).parent / "sekmet"
+    if not sekmet.exists():
+        raise DemoError("the demo's FHIR server is sekmet-fhir: pip install -e '.[demo]'")
+    port, token = free_port(), uuid.uuid4().hex
+    base = f"http://127.0.0.1:{port}/fhir"
+    config = {
+        "base_url": base,
+        "host": "127.0.0.1",
+        "port": port,
+        "data_dir": str(workdir / "fhir"),
+        "simulator": {"enabled": False},
+        "log_inbound": False,
+        "validation": {"inbound": "off"},
+        "server_auth": {"types": ["bearer"], "tokens": [token]},
+    }
+    (workdir / "fhir").mkdir()
+    (workdir / "fhir.yaml").write_text(json.dumps(config))
+    processes.start("fhir-server", [str(sekmet), "serve", "-c", str(workdir / "fhir.yaml")], dict(os.environ))
+
+    def answers() -> bool:
+        try:
+            return (
+                http.get(f"{base}/metadata", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            )
+        except httpx.HTTPError:
+            return False
+
+    wait_until(answers, 90, processes, "the FHIR server")
+    loaded = subprocess.run(
+        [*medgemma_cds_command(), "load-sample-data", "--fhir-base", base, "--token", token],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if loaded.returncode != 0:
+        raise DemoError(f"loading the sample patients failed:\n{loaded.stderr[-2000:]}")
+    server = FhirServer(base, token, {})
+    patients = {}
+    for family in ("Trantow", "Erdman"):
+        found = http.get(f"{base}/Patient", params={"family": family}, headers=server.headers()).json()
+        patients[family] = found["entry"][0]["resource"]["id"]
+    server = FhirServer(base, token, patients)
+    attach_chest_xray(http, server, patients["Erdman"])
+    processes.printer.line(
+        f"  FHIR server: {base} (sekmet-fhir), the synthetic patients and a chest X-ray loaded"
+    )
+    return server
+
+
+def attach_chest_xray(http: httpx.Client, fhir: FhirServer, patient_id: str) -> None:
+    """Give the patient's ImagingStudy its image: a Binary PNG and a Media pointing at it (as a PACS bridge
+    would), so imaging-report-draft has an image to read."""
+    studies = http.get(
+        f"{fhir.base}/ImagingStudy", params={"patient": patient_id}, headers=fhir.headers()
+    ).json()
+    study = studies["entry"][0]["resource"]["id"]
+    png = (SAMPLE_DATA / "cxr-00000001_000.png").read_bytes()
+
+    def post(resource: dict[str, Any]) -> dict[str, Any]:
+        response = http.post(f"{fhir.base}/{resource['resourceType']}", json=resource, headers=fhir.headers())
+        response.raise_for_status()
+        return dict(response.json())
+
+    binary = post(
+        {"resourceType": "Binary", "contentType": "image/png", "data": base64.b64encode(png).decode()}
+    )
+    post(
+        {
+            "resourceType": "Media",
+            "status": "completed",
+            "subject": {"reference": f"Patient/{patient_id}"},
+            "partOf": [{"reference": f"ImagingStudy/{study}"}],
+            "createdDateTime": "2018-04-13T16:30:00+00:00",
+            "content": {"contentType": "image/png", "url": f"Binary/{binary['id']}"},
+        }
+    )
+
+
+def demo_calls(fhir: FhirServer) -> list[tuple[str, dict[str, Any]]]:
+    """Return (service id, request body) of the demo's calls: Kermit Trantow's chart (summary) and a draft
+    order that duplicates his hydrochlorothiazide, then Louis Erdman's chart (his chest X-ray, unreported).
+
+    No prefetch: the service reads what it needs from the FHIR server with the token, as it does for an EHR
+    that prefetches nothing.
+    """
+    kermit, louis = fhir.patients["Trantow"], fhir.patients["Erdman"]
+    order_context = {
+        "selections": [f"MedicationRequest/{DRAFT_ORDER_ID}"],
+        "draftOrders": {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": draft_order(kermit)}],
+        },
+    }
+    calls = [
+        ("patient-summary", "patient-view", kermit, {}),
+        ("order-review", "order-select", kermit, order_context),
+        ("imaging-report-draft", "patient-view", louis, {}),
+    ]
+    return [
+        (
+            service_id,
+            {
+                "hook": hook,
+                "hookInstance": str(uuid.uuid4()),
+                **fhir.access(patient_id),
+                "context": {"userId": DEMO_USER, "patientId": patient_id, **extra},
+            },
+        )
+        for service_id, hook, patient_id, extra in calls
+    ]
+
+
+# --- The demo --------------------------------------------------------------------------------------------
+
+
+def signed_headers(public_url: str, path: str) -> dict[str, str]:
+    """Return the Authorization header of a call to ``path``, signed by the development issuer."""
+    return {"Authorization": f"Bearer {mint_token(public_url + path)}"}
+
+
 def fire(http: httpx.Client, url: str, service_id: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """POST a hook call (a fresh ``hookInstance`` each time); return its cards, ``DemoError`` unless 200."""
     body = {**body, "hookInstance": str(uuid.uuid4())}
-    response = http.post(f"{url}/cds-services/{service_id}", json=body)
+    path = f"/cds-services/{service_id}"
+    response = http.post(url + path, json=body, headers=signed_headers(url, path))
     if response.status_code != 200:
         raise DemoError(f"{service_id} answered {response.status_code}: {response.text[:500]}")
     return list(response.json()["cards"])
+
+
+def is_ai_result(card: dict[str, Any]) -> bool:
+    """Return whether a card is the model's own (its source names the model)."""
+    return str(card.get("source", {}).get("label", "")).startswith("MedGemma AI")
 
 
 def await_ai_card(
@@ -516,30 +689,81 @@ def await_ai_card(
             state = http.get(job_url).json().get("state", "?")
         except (httpx.HTTPError, ValueError):
             state = "?"
-        hint = " (waiting for a worker to load the model)" if state == "queued" else ""
-        printer.progress(f"  {spinner[tick % 4]} {service_id}: AI job {state}{hint}, {elapsed:.0f} s", state)
+        printer.progress(f"  {spinner[tick % 4]} {service_id}: AI analysis {state}, {elapsed:.0f} s", state)
         tick += 1
         if state in ("done", "failed") or elapsed > wait_s:
             cards = fire(http, url, service_id, body)
             break
         time.sleep(1.0)
     printer.end_progress()
-    ai_cards = [c for c in cards if c.get("source", {}).get("label", "").startswith("MedGemma AI")]
+    ai_cards = [c for c in cards if is_ai_result(c)]
     if ai_cards:
         return ai_cards, f"AI card arrived after {time.monotonic() - started:.0f} s:"
+    states = [c for c in cards if str(c.get("source", {}).get("topic", {}).get("code", "")).startswith("ai-")]
+    if states and pending_job_url(cards) is None:
+        return states, "The AI analysis did not give a card:"
     if pending_job_url(cards) is None:
-        try:
-            record = http.get(job_url).json()
-        except (httpx.HTTPError, ValueError):
-            record = {"state": "gone"}
-        if record.get("state") == "done":
-            return [], "AI analysis finished with nothing to add (no AI card for this call)."
-        error = record.get("error", f"job {record.get('state')}")
-        return [], f"AI analysis failed ({error}); the rule cards above stand on their own."
+        return [], "AI analysis finished with nothing to add (no AI card for this call)."
     return [], (
         f"AI analysis still running after {wait_s:.0f} s. Follow it at {job_url} and fire the hook again "
         "(or run the demo with a longer --wait)."
     )
+
+
+def development_link(cards: list[dict[str, Any]]) -> str | None:
+    """Return the development review link of an imaging draft card, if one is among ``cards``."""
+    for card in cards:
+        for link in card.get("links", []):
+            if link.get("label") == "Review the draft (development link)":
+                return str(link["url"])
+    return None
+
+
+def draft_of(http: httpx.Client, url: str, draft_id: str) -> dict[str, Any]:
+    """Return the draft as the service's JSON API shows it."""
+    path = f"/drafts/{draft_id}"
+    response = http.get(url + path, headers=signed_headers(url, path))
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def sign_through_link(http: httpx.Client, link: str, draft: dict[str, Any]) -> None:
+    """Sign the draft as a clinician does on the development review page: its form, the AI text unchanged."""
+    page = http.get(link)
+    if page.status_code != 200:
+        raise DemoError(f"the review page answered {page.status_code}")
+    access = link.split("access=", 1)[1]
+    form = {
+        "access": access,
+        "text": draft["aiText"],
+        "practitioner": DEMO_USER,
+        "practitionerName": DEMO_SIGNER,
+    }
+    signed = http.post(link.split("/review?", 1)[0] + "/sign", data=form)
+    if signed.status_code != 200:
+        raise DemoError(f"signing answered {signed.status_code}: {signed.text[:300]}")
+
+
+def read_back(http: httpx.Client, fhir: FhirServer, reference: str, printer: Printer) -> None:
+    """Print the final DiagnosticReport and its Provenances as the FHIR server holds them."""
+    report = http.get(f"{fhir.base}/{reference}", headers=fhir.headers()).json()
+    provenances = http.get(
+        f"{fhir.base}/Provenance", params={"target": reference}, headers=fhir.headers()
+    ).json()
+    printer.line(
+        f"  {reference}: status {report.get('status')}, {report.get('code', {}).get('text', '')}".rstrip(", ")
+    )
+    for interpreter in report.get("resultsInterpreter", []):
+        printer.line(f"    signed by: {interpreter.get('display') or interpreter.get('reference')}")
+    printer.markdown(f"conclusion: {report.get('conclusion', '')}", "    ")
+    for entry in provenances.get("entry", []):
+        provenance = entry["resource"]
+        activity = (provenance.get("activity", {}).get("coding") or [{}])[0].get("code", "?")
+        agents = ", ".join(
+            str(agent.get("who", {}).get("display") or agent.get("who", {}).get("reference", "?"))
+            for agent in provenance.get("agent", [])
+        )
+        printer.line(f"  Provenance/{provenance['id']}: {activity} by {agents}")
 
 
 def run_demo(
@@ -550,23 +774,22 @@ def run_demo(
     cache_dir: Path | None = None,
     out: TextIO | None = None,
 ) -> int:
-    """Run the local demo on ``port``; return 0 once both hooks answered (also when stopped with Ctrl-C).
+    """Run the local demo on ``port``; return 0 once the loop is shown (also when stopped with Ctrl-C).
 
     Everything the demo started is stopped before it returns, whichever way it ends.
     """
     printer = Printer(out or sys.stdout)
-    keep_running = not once
     settings = Settings()
     cache_dir = cache_dir or Path.home() / ".cache" / "medgemma-cds"
     workdir = Path(tempfile.mkdtemp(prefix="medgemma-cds-demo-"))
     processes = Processes(printer, workdir)
     try:
         with _stop_on_sigterm():
-            return _run(settings, port, keep_running, wait_s, cache_dir, workdir, processes, printer)
+            return _run(settings, port, once, wait_s, cache_dir, workdir, processes, printer)
     except KeyboardInterrupt:
         printer.line()
         printer.line("interrupted: stopping what the demo started")
-        return 0 if keep_running else 130
+        return 130 if once else 0
     except DemoError as error:
         printer.line(printer.style(f"demo failed: {error}", "critical"))
         return 1
@@ -592,7 +815,7 @@ def _stop_on_sigterm() -> Iterator[None]:
 def _run(
     settings: Settings,
     port: int,
-    keep_running: bool,
+    once: bool,
     wait_s: float,
     cache_dir: Path,
     workdir: Path,
@@ -601,71 +824,78 @@ def _run(
 ) -> int:
     url = f"http://127.0.0.1:{port}"
     printer.line(printer.style("MedGemma CDS demo", "bold"))
-    redis_url = settings.redis_url
-    own_redis = ensure_redis(redis_url, processes)
+    if answers_tcp("127.0.0.1", port):
+        raise DemoError(f"port {port} is taken; choose another with --port")
+    ensure_redis(settings.redis_url, processes)
+    with httpx.Client(timeout=30) as http:
+        return _show_the_loop(settings, url, once, wait_s, cache_dir, workdir, processes, printer, http)
+
+
+def _show_the_loop(
+    settings: Settings,
+    url: str,
+    once: bool,
+    wait_s: float,
+    cache_dir: Path,
+    workdir: Path,
+    processes: Processes,
+    printer: Printer,
+    http: httpx.Client,
+) -> int:
+    port = url.rsplit(":", 1)[1]
+    fhir = start_fhir_server(processes, workdir, http)
     env = dict(os.environ) | model_settings(settings, cache_dir, processes)
     env |= {
-        "MEDGEMMA_CDS_REDIS_URL": redis_url,
+        "MEDGEMMA_CDS_REDIS_URL": settings.redis_url,
         "MEDGEMMA_CDS_DATABASE_URL": f"sqlite:///{workdir / 'demo.db'}",
         "MEDGEMMA_CDS_PUBLIC_URL": url,
-        "MEDGEMMA_CDS_AUTH_DISABLED": "true",
-        # Shared by the API and the worker: job requests in Redis are encrypted with a key derived from it.
+        # Development mode: the demo's calls are signed by the local development issuer, and the draft is
+        # signed through the development review link.
+        "MEDGEMMA_CDS_DEV_MODE": "true",
+        # Shared by the API and the workers: job requests in Redis are encrypted with a key derived from it.
         "MEDGEMMA_CDS_SECRET_KEY": settings.secret_key.get_secret_value(),
+        "MEDGEMMA_CDS_FHIR_SERVER_ALLOWLIST": json.dumps([fhir.base]),
+        "MEDGEMMA_CDS_FHIR_ALLOW_HTTP_LOOPBACK": "true",
+        "MEDGEMMA_CDS_FHIR_WRITEBACK_URL": fhir.base,
+        "MEDGEMMA_CDS_FHIR_WRITEBACK_TOKEN": fhir.token,
     }
     command = medgemma_cds_command()
-    # A Redis the demo just started has no workers to ask about.
-    existing = [] if own_redis else workers_on(settings, "text")
-    if existing and {"text_model", "image_model"} & settings.model_fields_set:
-        printer.line(f"  model worker: using {', '.join(existing)}")
-    else:
-        if existing:
-            printer.line(f"  note: other workers consume the text queue too ({', '.join(existing)})")
+    for queue in ("text", "image"):
+        others = workers_on(settings, queue)
+        if others:
+            printer.line(f"  note: other workers consume the {queue} queue too ({', '.join(others)})")
         processes.start(
-            "worker", [*command, "worker", "--queue", "text", "--concurrency", "1"], env, grace_s=5
+            f"{queue}-worker", [*command, "worker", "--queue", queue, "--concurrency", "1"], env, grace_s=5
         )
-    if answers_tcp("127.0.0.1", port):
-        if not api_answers(url):
-            raise DemoError(f"port {port} is taken by something else; choose another with --port")
-        printer.line(
-            f"  API: a CDS service already answers on {url}, using it (it must run with AUTH_DISABLED)"
-        )
-    else:
-        processes.start(
-            "api", [*command, "serve", "--port", str(port), "--workers", "1", "--threads", "4"], env
-        )
-        wait_until(lambda: api_answers(url), 60, processes, "the API")
+    processes.start("api", [*command, "serve", "--port", port, "--workers", "1", "--threads", "4"], env)
+    wait_until(lambda: api_answers(url), 90, processes, "the API")
 
-    with httpx.Client(timeout=30) as http:
-        discovery = http.get(f"{url}/cds-services").json()
-        calls = hook_bodies(discovery)
-        if len(calls) != len(DEMO_SERVICES):
-            raise DemoError(f"the service at {url} doesn't offer {', '.join(DEMO_SERVICES.values())}")
-        patient = next(r for r in sample_resources() if r["resourceType"] == "Patient")
-        name = patient["name"][0]
-        printer.line()
-        printer.line(
-            f"Demo patient: {' '.join(name.get('prefix', []) + name.get('given', []))} {name['family']} "
-            f"(Patient/{patient['id']}), synthetic (Synthea); draft order: {DRAFT_ORDER_CONCEPT['text']}"
+    pending: list[tuple[str, dict[str, Any], str]] = []
+    answered: dict[str, list[dict[str, Any]]] = {}
+    for service_id, body in demo_calls(fhir):
+        patient = (
+            "Kermit Trantow" if body["context"]["patientId"] == fhir.patients["Trantow"] else "Louis Erdman"
         )
-        pending: list[tuple[str, dict[str, Any], str]] = []
-        for service_id, body in calls:
-            printer.line()
-            printer.line(printer.style(f"== {body['hook']} -> {service_id} ".ljust(70, "="), "bold"))
-            cards = fire(http, url, service_id, body)
-            if not cards:
-                printer.line("  (no cards)")
-            for card in cards:
-                printer.card(card)
-            job_url = pending_job_url(cards)
-            if job_url:
-                pending.append((service_id, body, job_url))
-        for service_id, body, job_url in pending:
-            printer.line()
-            printer.line(printer.style(f"== {service_id}: waiting for the AI card ".ljust(70, "="), "bold"))
-            ai_cards, outcome = await_ai_card(http, url, service_id, body, job_url, wait_s, printer)
-            printer.line("  " + outcome)
-            for card in ai_cards:
-                printer.card(card)
+        printer.line()
+        printer.line(printer.style(f"== {body['hook']} -> {service_id} ({patient}) ".ljust(70, "="), "bold"))
+        cards = fire(http, url, service_id, body)
+        answered[service_id] = cards
+        if not cards:
+            printer.line("  (no cards: checked, nothing to say)")
+        for card in cards:
+            printer.card(card)
+        job_url = pending_job_url(cards)
+        if job_url:
+            pending.append((service_id, body, job_url))
+    for service_id, body, job_url in pending:
+        printer.line()
+        printer.line(printer.style(f"== {service_id}: waiting for the AI card ".ljust(70, "="), "bold"))
+        ai_cards, outcome = await_ai_card(http, url, service_id, body, job_url, wait_s, printer)
+        printer.line("  " + outcome)
+        for card in ai_cards:
+            printer.card(card)
+        answered[service_id] = ai_cards or answered[service_id]
+    signed = _sign_and_read_back(http, url, fhir, answered["imaging-report-draft"], once, processes, printer)
 
     printer.line()
     printer.line(printer.style("URLs", "bold"))
@@ -673,15 +903,54 @@ def _run(
     for service_id, _, job_url in pending:
         printer.line(f"  job status: {job_url}  ({service_id})")
     printer.line(f"  metrics:    {url}/metrics")
+    printer.line(f"  FHIR:       {fhir.base} (bearer token {fhir.token})")
+    printer.line(f"  a hook by hand: MEDGEMMA_CDS_PUBLIC_URL={url} medgemma-cds call order-review")
     printer.line(
         f"  CDS Hooks sandbox: open {SANDBOX_URL}, choose 'CDS Services' > 'Add CDS Service' and enter "
-        f"{url}/cds-services (the sandbox calls from your browser, so a local URL works while the demo runs "
-        "until you stop it; authentication is off in the demo)"
+        f"{url}/cds-services (the sandbox calls from your browser, so a local URL works while the demo runs)"
     )
-    if keep_running:
+    if not once:
         printer.line()
         printer.line("Running. Press Ctrl-C to stop everything the demo started.")
         while True:
             processes.check_alive()
             time.sleep(1)
-    return 0
+    return 0 if signed else 1
+
+
+def _sign_and_read_back(
+    http: httpx.Client,
+    url: str,
+    fhir: FhirServer,
+    cards: list[dict[str, Any]],
+    once: bool,
+    processes: Processes,
+    printer: Printer,
+) -> bool:
+    """Sign the imaging draft through its development review link (the demo itself with ``once``, else the
+    person at the browser), then read the final report and its Provenance back from the FHIR server."""
+    printer.line()
+    printer.line(printer.style("== The imaging draft: review, sign, read back ".ljust(70, "="), "bold"))
+    link = development_link(cards)
+    if link is None:
+        printer.line("  No imaging draft to sign (its AI card did not arrive; run with a longer --wait).")
+        return False
+    draft_id = link.split("/drafts/", 1)[1].split("/", 1)[0]
+    if once:
+        sign_through_link(http, link, draft_of(http, url, draft_id))
+        printer.line(f"  Signed as {DEMO_SIGNER} through the development review link.")
+    else:
+        printer.line(f"  Open the review link to sign the draft: {link}")
+        while draft_of(http, url, draft_id)["status"] == "draft":
+            processes.check_alive()
+            time.sleep(1)
+    draft = draft_of(http, url, draft_id)
+    if draft["status"] != "signed":
+        printer.line(f"  The draft was {draft['status']}: nothing is written to the record.")
+        return False
+    signer = f"{draft.get('signedByName')} ({draft.get('signedBy')})"
+    printer.line(f"  Signed by {signer}; written to {draft.get('writtenTo')}")
+    if not draft.get("writtenTo"):
+        raise DemoError(f"the signed report was not written back: {draft.get('writeBackError')}")
+    read_back(http, fhir, draft["writtenTo"], printer)
+    return True
