@@ -27,6 +27,7 @@ from cds_service.job_progress import role_of
 from cds_service.job_progress import with_progress
 from cds_service.jobs import JobQueue
 from cds_service.jobs import live_workers
+from cds_service.jobs import workers_with_another_secret
 from cds_service.metrics import count_feedback
 from cds_service.metrics import count_job_lookup
 from cds_service.metrics import count_limit
@@ -237,21 +238,29 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     """Readiness: Redis and the database answer and services are loaded (503 otherwise).
 
-    Model workers are reported too; without them the service is "degraded" but ready: hooks still answer
-    their rule cards and say the AI analysis is pending.
+    Model workers are reported too; without them, or with a worker whose MEDGEMMA_CDS_SECRET_KEY differs
+    from the API's, the service is "degraded" but ready: hooks still answer their rule cards and say the AI
+    analysis is pending.
     """
     deps = services()
     checks: dict[str, bool] = {"services": len(deps.registry.services) > 0, "database": deps.store.ping()}
     workers: dict[str, int] = {}
+    other_secret = 0
     try:
         checks["redis"] = bool(deps.redis.ping())
         workers = live_workers(deps.redis)
+        other_secret = workers_with_another_secret(deps.redis, deps.settings)
     except Exception:  # noqa: BLE001 - any Redis failure means "not ready"
         checks["redis"] = False
     missing = [name for name, ok in checks.items() if not ok]
     missing_workers = [f"workers:{role}" for role, count in workers.items() if count == 0]
+    if other_secret:
+        # Such a worker fails every job it takes: the AI is down though the worker looks alive.
+        missing_workers.append("workers:secret-key")
     status = "not-ready" if missing else "degraded" if missing_workers or not workers else "ready"
     body: dict[str, Any] = {"status": status, "checks": checks, "workers": workers}
+    if other_secret:
+        body["workersWithAnotherSecretKey"] = other_secret
     if missing or missing_workers:
         body["missing"] = missing + missing_workers
     return jsonify(body), 503 if missing else 200

@@ -160,7 +160,10 @@ def worker(args: argparse.Namespace) -> int:
     """Start a Celery worker consuming the text or image model queue."""
     from worker.celery_app import run_worker
 
-    return run_worker(load_settings(), queue=args.queue, concurrency=args.concurrency, pool=args.pool)
+    settings = load_settings()
+    # A worker with another secret than the API's can read none of its jobs: refused here in one line.
+    check_production_safety(settings)
+    return run_worker(settings, queue=args.queue, concurrency=args.concurrency, pool=args.pool)
 
 
 def check(args: argparse.Namespace) -> int:
@@ -208,6 +211,7 @@ def precompute(args: argparse.Namespace) -> int:
     from cds_service.precompute import run_sweep
 
     settings = load_settings()
+    check_production_safety(settings)  # its jobs are encrypted for the workers with the shared secret
 
     def progress(report: SweepReport, done: int) -> None:
         counts = ", ".join(f"{count} {kind}" for kind, count in sorted(report.outcomes.items()))

@@ -29,6 +29,7 @@ from cryptography.fernet import InvalidToken
 from kombu.entity import PERSISTENT_DELIVERY_MODE
 
 from cds_service.settings import Settings
+from cds_service.settings import key_fingerprint
 from cds_service.settings import purpose_key
 from cds_service.signed_links import sign_link
 from cds_service.wire import ImageReference
@@ -80,6 +81,14 @@ def live_workers(redis_client: redis.Redis) -> dict[str, int]:
         if role in counts:
             counts[role] += 1
     return counts
+
+
+def workers_with_another_secret(redis_client: redis.Redis, settings: Settings) -> int:
+    """Return how many live worker processes have another ``MEDGEMMA_CDS_SECRET_KEY`` than ``settings``
+    (their heartbeat carries its fingerprint): such a worker can read none of the API's jobs."""
+    keys = list(redis_client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=200))
+    ours = key_fingerprint(settings).encode()
+    return sum(1 for value in (redis_client.mget(keys) if keys else []) if value and value != ours)
 
 
 def done_channel(job_id: str) -> str:

@@ -17,6 +17,7 @@ import redis
 from pydantic import SecretStr
 
 from cds_service.jobs import QUEUES
+from cds_service.jobs import workers_with_another_secret
 from cds_service.settings import Settings
 
 MASK = "**********"
@@ -137,11 +138,29 @@ def check_workers(settings: Settings) -> dict[str, Any]:
     return result
 
 
+def check_secret_key(settings: Settings) -> dict[str, Any]:
+    """Return whether every live worker shares this process's ``MEDGEMMA_CDS_SECRET_KEY`` (by fingerprint)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        other = workers_with_another_secret(client, settings)
+    finally:
+        client.close()
+    if not other:
+        return {"ok": True}
+    return {
+        "ok": False,
+        "workers": other,
+        "error": f"{other} worker process(es) have another MEDGEMMA_CDS_SECRET_KEY: they can read no job; "
+        "give the API and every worker the same value",
+    }
+
+
 def readiness_report(settings: Settings, fhir_base: str | None = None) -> dict[str, Any]:
     """Return the configuration (secrets masked), a check per dependency and ``ready``: every check passed.
 
     Checks: Redis ping, database ping and schema, the FHIR server's ``/metadata`` when ``fhir_base`` is
-    given, and at least one Celery worker on each model queue (``control.inspect().active_queues()``).
+    given, at least one Celery worker on each model queue (``control.inspect().active_queues()``), and that
+    every worker shares the secret key (``check_secret_key``).
     ``precompute`` reports the precompute triggers' progress (see ``precompute_report``).
     """
     checks = {
@@ -153,6 +172,7 @@ def readiness_report(settings: Settings, fhir_base: str | None = None) -> dict[s
     # Without Redis no worker can be asked; say so instead of waiting on a dead broker.
     if checks["redis"]["ok"]:
         checks["workers"] = _timed(lambda: check_workers(settings))
+        checks["secret_key"] = check_secret_key(settings)
     else:
         checks["workers"] = {"ok": False, "error": "Redis is down, so workers can't be asked"}
     return {

@@ -288,11 +288,18 @@ PLACEHOLDER_SECRETS = frozenset(
 _OPT_IN = f"or set {ENV_PREFIX}DEV_MODE=true for local development"
 
 
+def key_fingerprint(settings: Settings) -> str:
+    """Return a short public fingerprint of ``MEDGEMMA_CDS_SECRET_KEY`` (an HMAC-derived key, not the secret):
+    the workers' heartbeats carry it, so the API can tell when a worker has another secret."""
+    return purpose_key(settings, "key-fingerprint").hex()[:16]
+
+
 def check_production_safety(settings: Settings) -> None:
     """Raise SettingsProblem (one line: why, and how to opt in) when settings are unsafe outside development.
 
     Unsafe: trusting the public CDS Hooks sandbox (its issuer, key URLs or bundled key set), or a secret key
-    that is a known placeholder or shorter than MIN_SECRET_CHARS. Development mode allows both.
+    that is unset (a random one per process: no worker could read the API's jobs), a known placeholder or
+    shorter than MIN_SECRET_CHARS. Development mode allows all of it.
     """
     if settings.development:
         return
@@ -301,6 +308,11 @@ def check_production_safety(settings: Settings) -> None:
             f"{ENV_PREFIX}TRUSTED_ISSUERS trusts the public CDS Hooks sandbox (https://{SANDBOX_HOST}), "
             "whose signing key is public, so anyone could mint its JWTs; trust your EHR's issuer instead, "
             + _OPT_IN
+        )
+    if "secret_key" not in settings.model_fields_set:
+        raise SettingsProblem(
+            f"{ENV_PREFIX}SECRET_KEY is not set: the API and every worker must share one long random value "
+            f"(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), {_OPT_IN}"
         )
     secret = settings.secret_key.get_secret_value()
     if secret.strip().lower() in PLACEHOLDER_SECRETS:

@@ -22,6 +22,7 @@ from cds_service.jobs import HEARTBEAT_TTL_S
 from cds_service.jobs import PRECOMPUTE_QUEUES
 from cds_service.jobs import QUEUES
 from cds_service.settings import Settings
+from cds_service.settings import key_fingerprint
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -67,11 +68,13 @@ def start_heartbeat(settings: Settings, queue: str) -> threading.Thread:
     """Start a daemon thread that tells the API (``readyz``) this worker is alive for ``queue``."""
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     key = f"{HEARTBEAT_PREFIX}{queue}:{socket.gethostname()}:{os.getpid()}"
+    # The value is the secret's fingerprint: readyz and `check` tell a worker that can't read the API's jobs.
+    fingerprint = key_fingerprint(settings)
 
     def beat() -> None:
         while True:
             try:
-                client.set(key, 1, ex=HEARTBEAT_TTL_S)
+                client.set(key, fingerprint, ex=HEARTBEAT_TTL_S)
             except redis.RedisError:
                 pass  # Redis is down: the key expires and readyz reports the worker missing, as it should.
             time.sleep(HEARTBEAT_S)

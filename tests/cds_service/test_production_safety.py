@@ -4,15 +4,20 @@ or with a placeholder or short secret key; ``medgemma-cds serve`` says why in on
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
 from support import ROOT
+from support import SECRET_KEY
+from support import RedisServer
+from support import service_env
 
 from cds_service.app import create_app
 from cds_service.settings import Settings
@@ -100,27 +105,32 @@ def test_development_mode_allows_all_of_it(settings: Settings, development: dict
     assert create_app(relaxed).extensions["cds"].settings.development
 
 
-def test_the_random_default_secret_and_an_own_issuer_start(settings: Settings, issuer: Any) -> None:
+def test_no_secret_key_refuses_to_start_outside_development_mode(settings: Settings, issuer: Any) -> None:
     fresh = Settings(
         database_url=settings.database_url, redis_url=settings.redis_url, trusted_issuers=issuer.trust_file
     )
-    assert len(fresh.secret_key.get_secret_value()) >= 32
-    assert not fresh.development
-    assert create_app(fresh).extensions["cds"].settings is fresh
-    check_production_safety(Settings())  # no trust file at all: every call is refused, nothing unsafe
+    # The random default would die with the process, and no separately started worker could read a job.
+    with pytest.raises(SettingsProblem, match="MEDGEMMA_CDS_SECRET_KEY is not set"):
+        create_app(fresh)
+    set_secret = Settings(secret_key=SECRET_KEY, trusted_issuers=issuer.trust_file)
+    check_production_safety(set_secret)
+    check_production_safety(Settings(dev_mode=True))
+    check_production_safety(
+        Settings(secret_key=SECRET_KEY)
+    )  # no trust file: every call refused, nothing unsafe
 
 
 def test_an_unreadable_trust_file_is_left_to_the_verifier(tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    check_production_safety(Settings(trusted_issuers=broken))
-    check_production_safety(Settings(trusted_issuers=tmp_path / "missing.json"))
+    check_production_safety(Settings(secret_key=SECRET_KEY, trusted_issuers=broken))
+    check_production_safety(Settings(secret_key=SECRET_KEY, trusted_issuers=tmp_path / "missing.json"))
 
 
 def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run ``medgemma-cds serve`` with only the given settings (on a port nothing else uses)."""
     script = Path(sys.executable).parent / "medgemma-cds"
-    base = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     return subprocess.run(
         [str(script), "serve", "--host", "127.0.0.1", "--port", "1"],
         env=base | env,
@@ -147,3 +157,56 @@ def test_serve_refuses_in_one_line_and_exits_2(env: dict[str, str], start: str) 
     assert lines[0].startswith(f"medgemma-cds: {start}")
     assert lines[0].endswith("or set MEDGEMMA_CDS_DEV_MODE=true for local development")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve", "--port", "1"],
+        ["worker", "--queue", "text"],
+        ["precompute", "--fhir-base", "https://x.test/r4"],
+    ],
+    ids=["serve", "worker", "precompute"],
+)
+def test_serve_worker_and_precompute_refuse_to_start_without_a_secret_key(command: list[str]) -> None:
+    script = Path(sys.executable).parent / "medgemma-cds"
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([str(script), *command], env=base, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("medgemma-cds: MEDGEMMA_CDS_SECRET_KEY is not set")
+    assert line.endswith("or set MEDGEMMA_CDS_DEV_MODE=true for local development")
+
+
+def test_readyz_and_check_say_when_a_worker_has_another_secret_key(
+    settings: Settings, redis_server: RedisServer, issuer: Any, tmp_path: Path
+) -> None:
+    redis_url = redis_server.new_database()
+    api = settings.model_copy(update={"redis_url": redis_url})
+    env = service_env(settings.database_url, redis_url, issuer, "http://cds.test")
+    script = Path(sys.executable).parent / "medgemma-cds"
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [str(script), "worker", "--queue", "text", "--pool", "solo"],
+        env=env | {"MEDGEMMA_CDS_SECRET_KEY": "another-secret-than-the-apis-0123456789"},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        client = create_app(api).test_client()
+        deadline = time.monotonic() + 90
+        while (body := client.get("/readyz").json).get("workers", {}).get("text", 0) == 0:
+            assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
+            time.sleep(0.5)
+        assert body["status"] == "degraded" and body["workersWithAnotherSecretKey"] == 1
+        assert "workers:secret-key" in body["missing"]
+
+        result = subprocess.run([str(script), "check"], env=env, capture_output=True, text=True, timeout=120)
+        report = json.loads(result.stdout)
+        assert result.returncode == 1 and report["ready"] is False
+        assert report["checks"]["secret_key"]["ok"] is False
+        assert "another MEDGEMMA_CDS_SECRET_KEY" in report["checks"]["secret_key"]["error"]
+        assert "another-secret" not in result.stdout + result.stderr
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
