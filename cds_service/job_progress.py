@@ -18,6 +18,7 @@ from cds_service.wire import ModelRole
 
 #: Messages read from a queue to find a job; past this the job is "behind many", position unknown.
 MAX_SCAN = 1000
+SCAN_CHUNK = 100
 
 
 def role_of(task: str) -> ModelRole:
@@ -29,20 +30,20 @@ def jobs_ahead(client: redis.Redis, job_id: str, role: str) -> int | None:
     """Return how many messages a worker takes before this job's, or None when it is too far back to find.
 
     kombu's Redis transport pushes on the left and pops on the right, and workers empty the interactive queue
-    before its precompute queue; a job not on either queue has been handed to a worker (0 ahead).
+    before its precompute queue; a job not on either queue has been handed to a worker (0 ahead). Each queue
+    is read from its newest end in chunks, so a job a hook has just asked for is found in the first read.
     """
     needle = job_id.encode()
     ahead_of_queue = 0
     for queue in (QUEUES[role], PRECOMPUTE_QUEUES[role]):
-        with client.pipeline(transaction=False) as pipe:
-            pipe.llen(queue).lrange(queue, 0, MAX_SCAN - 1)
-            length, newest_first = pipe.execute()
-        for index, message in enumerate(newest_first):
-            if needle in message:
-                return ahead_of_queue + int(length) - 1 - index
-        if int(length) > MAX_SCAN:
+        length = int(client.llen(queue))
+        for start in range(0, min(length, MAX_SCAN), SCAN_CHUNK):
+            for offset, message in enumerate(client.lrange(queue, start, start + SCAN_CHUNK - 1)):
+                if needle in message:
+                    return ahead_of_queue + max(0, length - 1 - (start + offset))
+        if length > MAX_SCAN:
             return None
-        ahead_of_queue += int(length)
+        ahead_of_queue += length
     return 0
 
 

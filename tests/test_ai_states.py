@@ -5,6 +5,7 @@ card says what failed, on the imaging service too: never silence)."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import signal
@@ -28,6 +29,10 @@ from support import model_env
 from support import service_env
 
 from cds_service.app import create_app
+from cds_service.job_progress import MAX_SCAN
+from cds_service.job_progress import jobs_ahead
+from cds_service.jobs import PRECOMPUTE_QUEUES
+from cds_service.jobs import QUEUES
 from cds_service.jobs import live_workers
 from cds_service.settings import Settings
 
@@ -270,3 +275,17 @@ def test_dead_the_card_says_unavailable_and_the_hook_does_not_wait(
     finally:
         waiting_app.extensions["cds"].audit.flush()
         waiting_app.extensions["cds"].store.engine.dispose()
+
+
+def test_the_place_in_the_queue_counts_what_workers_take_before_it(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.new_database())
+    # As kombu pushes them: newest on the left; workers pop from the right, the interactive queue first.
+    for n in range(3):
+        client.lpush(QUEUES["text"], json.dumps({"headers": {"id": f"job-{n}"}}))
+    for n in range(2):
+        client.lpush(PRECOMPUTE_QUEUES["text"], json.dumps({"headers": {"id": f"pre-{n}"}}))
+    places = {job: jobs_ahead(client, job, "text") for job in ("job-0", "job-2", "pre-0", "pre-1", "taken")}
+    assert places == {"job-0": 0, "job-2": 2, "pre-0": 3, "pre-1": 4, "taken": 0}
+    # Deeper than a hook reads: the place is unknown ("behind many"), never a wrong number.
+    client.lpush(QUEUES["image"], *[f"message-{n}" for n in range(MAX_SCAN + 5)])
+    assert jobs_ahead(client, "far-back", "image") is None
