@@ -249,3 +249,19 @@ def test_ai_review_gets_the_rule_findings_and_the_labs_they_used() -> None:
     assert "- critical: Kidney function: Metformin 500 mg, eGFR 22 (below 30)" in text
     assert f"eGFR 22 mL/min/1.73m2 on {(TODAY - timedelta(days=3)).isoformat()}" in text
     assert "age 76" in text
+
+
+def test_the_rules_page_tables_match_the_data() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "medication_rules_table", root / "scripts" / "medication_rules_table.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = (root / "docs" / "medication-rules.md").read_text(encoding="utf-8")
+    assert module.BEGIN in page and module.END in page
+    assert module.page_with_tables(page) == page, "stale: run scripts/medication_rules_table.py --write"
