@@ -250,6 +250,16 @@ def test_failing_the_imaging_card_says_what_failed(states_app: Flask, issuer: Is
     assert "MEDGEMMA_CDS_SECRET_KEY" in record["error"]
 
 
+def test_stopped_a_worker_stopped_cleanly_is_gone_at_once(
+    workers: dict[str, subprocess.Popen[bytes]], states_redis: str
+) -> None:
+    image_worker = workers["image"]
+    os.killpg(image_worker.pid, signal.SIGTERM)
+    image_worker.wait(timeout=30)
+    # Its heartbeat goes with it (no waiting out the TTL): the next hook already says "unavailable".
+    assert live_workers(redis.Redis.from_url(states_redis))["image"] == 0
+
+
 def test_dead_the_card_says_unavailable_and_the_hook_does_not_wait(
     states_app: Flask, workers: dict[str, subprocess.Popen[bytes]], issuer: Issuer, states_redis: str
 ) -> None:

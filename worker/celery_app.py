@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
+from collections.abc import Callable
 
 import redis
 from celery import Celery
@@ -64,24 +64,36 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def start_heartbeat(settings: Settings, queue: str) -> threading.Thread:
-    """Start a daemon thread that tells the API (``readyz``) this worker is alive for ``queue``."""
+def start_heartbeat(settings: Settings, queue: str) -> Callable[[], None]:
+    """Start a daemon thread that tells the API (``readyz``, the AI states) this worker is alive for
+    ``queue``; return what ends it at a clean stop, so hooks say "unavailable" at once, not after the TTL."""
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     key = f"{HEARTBEAT_PREFIX}{queue}:{socket.gethostname()}:{os.getpid()}"
     # The value is the secret's fingerprint: readyz and `check` tell a worker that can't read the API's jobs.
     fingerprint = key_fingerprint(settings)
 
+    stopped = threading.Event()
+
     def beat() -> None:
-        while True:
+        while not stopped.is_set():
             try:
                 client.set(key, fingerprint, ex=HEARTBEAT_TTL_S)
             except redis.RedisError:
                 pass  # Redis is down: the key expires and readyz reports the worker missing, as it should.
-            time.sleep(HEARTBEAT_S)
+            stopped.wait(HEARTBEAT_S)
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+
+    def stop() -> None:
+        stopped.set()
+        thread.join(timeout=5)  # its last beat, if one is under way, lands before the key goes
+        try:
+            client.delete(key)
+        except redis.RedisError:
+            pass  # the key expires by itself
+
     thread.start()
-    return thread
+    return stop
 
 
 def worker_queues(role: str) -> list[str]:
@@ -96,7 +108,7 @@ def run_worker(settings: Settings, *, queue: str, concurrency: int, pool: str) -
     if pool == "prefork":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     app = make_celery(settings)
-    start_heartbeat(settings, queue)
+    stop_heartbeat = start_heartbeat(settings, queue)
     argv = [
         "worker",
         f"--queues={','.join(worker_queues(queue))}",
@@ -107,5 +119,8 @@ def run_worker(settings: Settings, *, queue: str, concurrency: int, pool: str) -
         "--without-gossip",
         "--without-mingle",
     ]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        stop_heartbeat()
     return 0
