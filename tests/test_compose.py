@@ -377,7 +377,9 @@ def test_compose_config_resolves_with_nothing_exported(profile: str) -> None:
     env_path, expected = PROFILES[profile]
     config = resolved_config({}, env_path)
     services = config["services"]
-    assert set(services) == expected
+    assert expected <= set(services)
+    other_profile = {"worker-text", "worker-image"} if profile != "gpu" else {"tiny-model", "worker-cpu"}
+    assert not other_profile & set(services)
     jsonschema.validate(config, json.loads(COMPOSE_SCHEMA.read_text()))
     for name, service in services.items():
         assert "${" not in json.dumps(service), name
