@@ -538,6 +538,37 @@ def review_paths() -> dict[str, Any]:
                 "responses": {"200": page("The draft."), **refusals},
             }
         },
+        "/review/drafts/{draft_id}/study": {
+            "get": {
+                "operationId": "reviewStudy",
+                "summary": "The viewer's study: its series and instances, and the one the model read.",
+                "parameters": [draft_id],
+                "responses": {
+                    "200": {
+                        "description": "The study.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **refusals,
+                },
+            }
+        },
+        "/review/drafts/{draft_id}/instances/{series_uid}/{instance_uid}": {
+            "get": {
+                "operationId": "reviewInstance",
+                "summary": "One instance of the draft's study from its PACS (DICOM Part 10), for the viewer.",
+                "parameters": [
+                    draft_id,
+                    *(
+                        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                        for name in ("series_uid", "instance_uid")
+                    ),
+                ],
+                "responses": {
+                    "200": {"description": "The instance.", "content": {"application/dicom": {}}},
+                    **refusals,
+                },
+            }
+        },
         "/review/drafts/{draft_id}/sign": post(
             "reviewSign",
             "Sign as the launch's clinician; written to the EHR with their token.",

@@ -21,12 +21,15 @@ import redis
 from flask import Blueprint
 from flask import Response
 from flask import current_app
+from flask import jsonify
 from flask import make_response
 from flask import redirect
 from flask import render_template
 from flask import request
 from flask import url_for
 
+from cds_service.dicomweb import DicomwebClient
+from cds_service.dicomweb import DicomwebError
 from cds_service.drafts import WriteTarget
 from cds_service.errors import BadRequest
 from cds_service.errors import CdsError
@@ -46,9 +49,13 @@ from cds_service.review.smart import patient_banner
 from cds_service.review.smart import requested_scope
 from cds_service.review.smart import user_name
 from cds_service.review.smart import verify_id_token
+from cds_service.review.study import pacs_client
+from cds_service.review.study import read_of
+from cds_service.review.study import study_view
 from cds_service.store import Draft
+from cds_service.wire import ImageRead
 
-bp = Blueprint("review", __name__, url_prefix="/review", template_folder="templates")
+bp = Blueprint("review", __name__, url_prefix="/review", template_folder="templates", static_folder="static")
 log = logging.getLogger(__name__)
 COOKIE = "mgcds_review"
 #: The launch's browser binding: one cookie per pending login (``{prefix}{hash of state}``), so two tabs
@@ -302,6 +309,46 @@ def draft_image(draft_id: str) -> Response:
     """The image the model read (square PNG)."""
     draft = _draft_of(_session(), draft_id)
     return current_app.response_class(draft.image_png or b"", mimetype="image/png")
+
+
+@bp.get("/drafts/<draft_id>/study")
+def draft_study(draft_id: str) -> Response:
+    """The viewer's description of the draft's study (series, instances, what the model read), as JSON."""
+    session = _session()
+    draft = _draft_of(session, draft_id)
+    read = read_of(draft)
+    try:
+        client = _pacs(session, read) if read and read.endpoint else None
+        view = study_view(
+            draft,
+            client,
+            lambda series, instance: url_for(
+                "review.draft_instance", draft_id=draft.id, series_uid=series, instance_uid=instance
+            ),
+            url_for("review.draft_image", draft_id=draft.id),
+        )
+    except DicomwebError as error:
+        raise ReviewRefused(502, f"The PACS could not be read: {error}.") from None
+    return jsonify(view)
+
+
+@bp.get("/drafts/<draft_id>/instances/<series_uid>/<instance_uid>")
+def draft_instance(draft_id: str, series_uid: str, instance_uid: str) -> Response:
+    """One instance of the draft's study from its PACS (DICOM Part 10), for the viewer to decode."""
+    session = _session()
+    read = read_of(_draft_of(session, draft_id))
+    if read is None or not read.endpoint or not read.study_uid:
+        raise ReviewRefused(404, "This draft's image is not on a PACS.")
+    try:
+        data = _pacs(session, read).instance(read.study_uid, series_uid, instance_uid)
+    except DicomwebError as error:
+        raise ReviewRefused(502, f"The PACS could not be read: {error}.") from None
+    return current_app.response_class(data, mimetype="application/dicom")
+
+
+def _pacs(session: ReviewSession, read: ImageRead) -> DicomwebClient:
+    deps = _deps()
+    return pacs_client(read, deps.settings, deps.http, session.iss, session.access_token)
 
 
 @bp.post("/drafts/<draft_id>/sign")

@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import parse_qs
+from urllib.parse import urlencode
+from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 from pacs import Pacs
 from pacs import radiograph
+from playwright.sync_api import sync_playwright
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
+from smart_server import SmartServer
 from support import FhirServer
 from support import Issuer
 from support import LiveServer
 from support import ModelWorker
+from support import fhir_access
+from test_imaging_report_draft import CHROMIUM
+from test_imaging_report_draft import POSITION
+from test_imaging_report_draft import changes_the_picture
 from test_imaging_report_draft import fire
 
 UNREADABLE = "An image could not be read for AI drafting"
@@ -68,34 +78,51 @@ def pacs_study(
 
 
 def card_when_settled(
-    server: LiveServer, issuer: Issuer, fhir: FhirServer, patient_id: str, summary: str
+    server: LiveServer,
+    issuer: Issuer,
+    fhir: FhirServer,
+    patient_id: str,
+    summary: str,
+    access: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fire until the "running" card gives way to the card whose summary starts with ``summary``."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        cards = [c for c in fire(server, issuer, fhir, patient_id) if c["summary"].startswith(summary)]
+        cards = [
+            c for c in fire(server, issuer, fhir, patient_id, access) if c["summary"].startswith(summary)
+        ]
         if cards:
             return cards[0]
         time.sleep(0.5)
     raise AssertionError(f"no card {summary!r} arrived")
 
 
-def test_a_study_on_the_pacs_is_read_at_its_frontal_view_and_the_report_names_it(
-    live_server: LiveServer, model_worker: ModelWorker, issuer: Issuer, fhir_server: FhirServer, pacs: Pacs
+def sop_uid(pacs: Pacs, uploaded: dict[str, Any]) -> str:
+    tags = httpx.get(
+        f"{pacs.url}/instances/{uploaded['ID']}/simplified-tags",
+        headers={"Authorization": pacs.authorization},
+    )
+    return str(tags.json()["SOPInstanceUID"])
+
+
+def test_a_study_on_the_pacs_is_read_at_its_frontal_view_reviewed_in_the_viewer_and_signed(
+    live_server: LiveServer,
+    model_worker: ModelWorker,
+    issuer: Issuer,
+    fhir_server: FhirServer,
+    smart_server: SmartServer,
+    pacs: Pacs,
 ) -> None:
     study_uid, lateral_series, frontal_series = generate_uid(), generate_uid(), generate_uid()
-    lateral = pacs.upload(
-        radiograph(study_uid, lateral_series, series_number=1, instance_number=1, view="LL")
+    ramp = np.tile(np.arange(64, dtype=np.uint16) * 64, (64, 1))
+    lateral_image = radiograph(
+        study_uid, lateral_series, series_number=1, instance_number=1, view="LL", pixels=ramp.T
     )
-    frontal = pacs.upload(
-        radiograph(study_uid, frontal_series, series_number=2, instance_number=1, view="PA")
+    frontal_image = radiograph(
+        study_uid, frontal_series, series_number=2, instance_number=1, view="PA", pixels=ramp
     )
-    lateral_uid = httpx.get(
-        f"{pacs.url}/instances/{lateral['ID']}/simplified-tags", headers={"Authorization": pacs.authorization}
-    ).json()["SOPInstanceUID"]
-    frontal_uid = httpx.get(
-        f"{pacs.url}/instances/{frontal['ID']}/simplified-tags", headers={"Authorization": pacs.authorization}
-    ).json()["SOPInstanceUID"]
+    lateral_uid = sop_uid(pacs, pacs.upload(lateral_image))
+    frontal_uid = sop_uid(pacs, pacs.upload(frontal_image))
     patient_id = pacs_study(
         fhir_server,
         pacs.dicomweb,
@@ -103,34 +130,53 @@ def test_a_study_on_the_pacs_is_read_at_its_frontal_view_and_the_report_names_it
         [(lateral_series, 1, "CR"), (frontal_series, 2, "CR")],
         "2024-01-05T09:00:00+00:00",
     )
+    # The EHR calls with its SMART FHIR base and a token it issued: the worker reads the Endpoint with it.
+    ehr_access = fhir_access(smart_server.iss, smart_server.issue_token(patient_id))
 
-    card = card_when_settled(live_server, issuer, fhir_server, patient_id, "AI draft imaging")
+    card = card_when_settled(live_server, issuer, fhir_server, patient_id, "AI draft imaging", ehr_access)
 
     read = f"series 2 (CR, CHEST) {frontal_series}, instance 1 {frontal_uid}, view PA"
     assert f"**Image read:** {read}" in card["detail"]
     # The worker fetched the frontal view only (with the configured credential: the PACS requires it).
-    assert pacs.instance_requests(frontal_uid) >= 1
+    assert pacs.instance_requests(frontal_uid) == 1
     assert pacs.instance_requests(lateral_uid) == 0
     report = card["suggestions"][0]["actions"][0]["resource"]
     (study,) = report["imagingStudy"]
     assert study["reference"].startswith("ImagingStudy/")
     assert study["identifier"] == {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}
 
+    # The clinician opens the card's SMART link: the study in the viewer, opened at the instance read.
+    draft_id = parse_qs(urlsplit(card["links"][0]["url"]).query)["draft"][0]
+    launch = smart_server.mint_launch(patient_id, "Practitioner/COREPRACTITIONER1")
+    launch_url = f"{card['links'][0]['url']}&{urlencode({'iss': smart_server.iss, 'launch': launch})}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(launch_url)
+        page.wait_for_selector("#viewer[data-ready]", timeout=30_000)
+        assert page.get_attribute("#viewer", "data-ready") == "true", page.inner_text("#viewer-status")
+        assert page.inner_text("#viewer-position") == "series 2 · CR: image 1 of 1"
+        assert page.is_visible("#read-marker") and frontal_uid in page.inner_text("#read-marker")
+        # Zoom, pan and a window preset each change what is drawn; so does scrolling to the other series,
+        # where the marker goes: the model did not read that one.
+        for action in ("zoom-in", "pan-left", "window-bone", "reset"):
+            changes_the_picture(page, action)
+        changes_the_picture(page, "next-series")
+        page.wait_for_function(f"({POSITION})() === 'series 1 · CR: image 1 of 1'")
+        assert not page.is_visible("#read-marker")
+        changes_the_picture(page, "show-read")
+        page.wait_for_function(f"({POSITION})() === 'series 2 · CR: image 1 of 1'")
+        assert page.is_visible("#read-marker")
+        # The browser read the other instance through the review app, never from the PACS itself.
+        assert pacs.instance_requests(lateral_uid) == 1
+        page.fill("#text", "FINDINGS:\nClear.\n\nIMPRESSION:\nNormal.")
+        page.click("#sign")
+        page.wait_for_selector("#written")
+        browser.close()
+
     # Signed, the report and the AI's Provenance reach the FHIR server naming the study and the instance.
-    draft_id = card["links"][0]["url"].rsplit("draft=", 1)[1]
-    path = f"/drafts/{draft_id}/sign"
-    signed = httpx.post(
-        live_server.url + path,
-        json={
-            "text": "FINDINGS:\nClear.\n\nIMPRESSION:\nNormal.",
-            "practitioner": "Practitioner/COREPRACTITIONER1",
-            "practitionerName": "Ada Reader",
-        },
-        headers={"Authorization": f"Bearer {issuer.token(live_server.url + path)}"},
-        timeout=30,
-    )
-    assert signed.status_code == 200, signed.text
     (written,) = fhir_server.search(f"DiagnosticReport?identifier={DRAFT_SYSTEM}|{draft_id}")
+    assert written["status"] == "final"
     assert written["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"
     (created,) = [
         p

@@ -80,6 +80,17 @@ def draft_card_when_ready(
     raise AssertionError("the draft card never arrived")
 
 
+SNAPSHOT = "() => document.querySelector('#viewer canvas').toDataURL()"
+POSITION = "() => document.querySelector('#viewer-position').textContent"
+
+
+def changes_the_picture(page: Any, action: str) -> None:
+    """Click a viewer button and wait until the canvas shows something else (it redraws on the next frame)."""
+    page.evaluate(f"window.before = ({SNAPSHOT})()")
+    page.click(f"[data-viewer-action={action}]")
+    page.wait_for_function(f"({SNAPSHOT})() !== window.before", timeout=10_000)
+
+
 def search(fhir: FhirServer, query: str) -> list[dict[str, Any]]:
     return fhir.search(query)
 
@@ -167,6 +178,12 @@ def test_draft_signed_in_browser_after_an_ehr_launch_names_the_launched_clinicia
         page.goto(launch_url)  # → authorize (auto-approved) → callback → the draft
         assert "not a clinical-grade model" in page.inner_text(".warning")
         assert page.evaluate("document.querySelector('img').naturalWidth") > 0
+        # The attached picture in the viewer: it zooms and pans like a study from a PACS.
+        page.wait_for_selector("#viewer[data-ready]", timeout=30_000)
+        assert page.get_attribute("#viewer", "data-ready") == "true", page.inner_text("#viewer-status")
+        assert page.inner_text("#viewer-position") == "attached image: image 1 of 1"
+        for action in ("zoom-in", "pan-right"):
+            changes_the_picture(page, action)
         assert page.inner_text("#user") == "Grace Signer"
         assert page.query_selector("#practitioner") is None  # nobody types who they are
         csrf = page.input_value("input[name=csrf]")
