@@ -486,6 +486,18 @@ def _unread_facts_cards(names: str, unavailable: Mapping[str, str]) -> list[Card
     return [not_checked_card(names, against, f"that data could not be read ({why})", indicator="info")]
 
 
+def _no_drug_allergy(allergy: Any, substance: DrugConcept) -> bool:
+    """Return whether an allergy record states no allergy ("NKDA") or names a food, insect or material."""
+    terms = allergy_history_terms()
+    codes = {code for _, code in substance.codings}
+    if codes & set(terms["no_allergy_snomed"]):
+        return True
+    texts = [" ".join(normalise(text)) for text in substance.texts]
+    return any(
+        text in terms["no_allergy_words"] or _has_any(text, terms["non_drug_words"]) for text in texts if text
+    )
+
+
 def _allergy_cards(checked: list[CheckedOrder], allergies: Any) -> list[Card]:
     cards: list[Card] = []
     names = ", ".join(c.name for c in checked)
@@ -512,6 +524,8 @@ def _allergy_cards(checked: list[CheckedOrder], allergies: Any) -> list[Card]:
             continue
         identity = identify(substance)
         categories = {c.lower() for c in allergy.category}
+        if _no_drug_allergy(allergy, substance):
+            continue
         if not _checkable(substance):
             # Only codes this service doesn't know: an identical code would have matched, a related one can't.
             why = "the allergy names its substance only by codes this service does not know"

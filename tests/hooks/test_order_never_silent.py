@@ -61,6 +61,8 @@ def call(client, issuer, hook: str, orders: list[dict[str, Any]], prefetch: dict
 def topics(response) -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {}
     for card in response.json["cards"]:
+        if card["source"]["label"] != "MedGemma CDS rules":
+            continue
         topic = card["source"].get("topic", {}).get("code")
         if topic:
             found.setdefault(topic, []).append(card)
@@ -290,3 +292,18 @@ def test_fhir_server_pages_are_followed_on_the_same_server(fhir_server) -> None:
         bounded, _ = reader.read_search(query, max_pages=2)
         assert len(bounded["entry"]) == 10
         assert any(link["relation"] == "next" for link in bounded["link"])
+
+
+def test_unknown_allergy_substance_is_said_but_no_allergy_and_foods_are_quiet(client, issuer) -> None:
+    drafts = [order("d1", {"text": "Amoxicillin 500 mg"})]
+    quiet = bundle(
+        allergy("NKDA", id="a1"),
+        allergy("No known allergies", id="a2"),
+        allergy("Peanuts", id="a3"),
+        allergy("Latex", id="a4", category=["environment"]),
+    )
+    response = call(client, issuer, "order-select", drafts, {"allergies": quiet})
+    assert topics(response) == {}
+    unknown = call(client, issuer, "order-select", drafts, {"allergies": bundle(allergy("Zyntrelix"))})
+    (card,) = topics(unknown)["not-checked"]
+    assert card["indicator"] == "info" and "'Zyntrelix'" in card["detail"]
