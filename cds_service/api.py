@@ -125,7 +125,7 @@ def call_service(service_id: str) -> Response:
             on_fetch=observe_prefetch,
             on_limit=lambda limit: count_limit(definition.id, limit),
             today=deps.today(),
-            redis_client=deps.redis,
+            image_reads=deps.image_reads,
         )
         cards = len(response.cards)
         count_tolerated(definition.id, call.tolerated)

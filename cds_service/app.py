@@ -24,6 +24,7 @@ from cds_service.dev_issuer import development_trust
 from cds_service.drafts import DraftService
 from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import validate_allowlist
+from cds_service.image_reads import ImageReads
 from cds_service.jobs import Capacity
 from cds_service.jobs import JobStore
 from cds_service.jobs import TaskMessages
@@ -92,6 +93,7 @@ class Services:
     audit: AuditWriter
     drafts: DraftService
     task_messages: TaskMessages
+    image_reads: ImageReads
     today: Callable[[], date] = date.today
 
 
@@ -174,6 +176,7 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
         audit=AuditWriter(store, purpose_key(settings, "audit-patient-hash"), run_blocking=off_the_loop()),
         drafts=DraftService(store, settings, http),
         task_messages=TaskMessages(make_celery(settings)),
+        image_reads=ImageReads(redis_client, settings),
         today=today or date.today,
     )
 

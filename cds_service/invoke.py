@@ -10,7 +10,6 @@ from typing import Any
 from typing import TypeVar
 
 import httpx
-import redis
 from pydantic import BaseModel
 from pydantic import ValidationError
 
@@ -138,13 +137,13 @@ def run_service(
     owner: DraftOwner | None = None,
     on_fetch: Callable[[float], None] = lambda seconds: None,
     today: date | None = None,
-    redis_client: redis.Redis | None = None,
+    image_reads: ImageReads | None = None,
     on_limit: Callable[[str], None] = lambda limit: None,
 ) -> tuple[HookCall, HookResponse]:
     """Run one hook call end to end (after auth) and return the call and the handler's response.
 
     ``today`` is the day of the call (default: the local date), which the model's context ages the patient by.
-    ``redis_client`` is where workers leave the picture an imaging job read, for the draft it makes.
+    ``image_reads`` is where workers leave the picture an imaging job read, for the draft it makes.
     ``owner`` is the caller the JWT named: drafts the call makes belong to it.
     ``on_limit`` hears of each limit the call met (``draft-orders``, ``prefetch-entries``, ``cards``), for
     /metrics.
@@ -201,7 +200,7 @@ def run_service(
             fhir_server,
             context.encounter_id,
             context.user_id,
-            ImageReads(redis_client, settings) if redis_client is not None else None,
+            image_reads,
             owner=owner,
         )
         if drafts is not None

@@ -11,6 +11,8 @@ from datetime import date
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from fhir_mappings.record import EPOCH
 from fhir_mappings.record import active_allergies
 from fhir_mappings.record import active_conditions
@@ -46,9 +48,11 @@ def raw_content_hash(data: dict[str, Any]) -> str:
     meta = data.get("meta")
     if isinstance(meta, dict) and meta.get("versionId") is not None:
         content["meta"] = {"versionId": str(meta["versionId"])}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
-        :32
-    ]
+    try:
+        canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # an integer past 64 bits, which JSON allows and orjson does not write
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:32]
 
 
 def raw_content_hashes(data: dict[str, Any]) -> dict[str, str]:
