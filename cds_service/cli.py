@@ -147,6 +147,12 @@ def load_sample_data(args: argparse.Namespace) -> int:
             patient = next((loc.split("/_history")[0] for loc in locations if "/Patient/" in loc), "")
             patient_ref = "/".join(patient.split("/")[-2:])
             print(f"{bundle_path.name}: {len(locations)} resources loaded, {patient_ref}")
+        if args.pacs:
+            from cds_service.sample_pacs import dicomweb_root_of
+            from cds_service.sample_pacs import load_sample_study
+
+            root = args.pacs_dicomweb or dicomweb_root_of(args.pacs)
+            print(load_sample_study(http, base, args.pacs, root))
     return 0
 
 
@@ -452,6 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("load-sample-data", "load the bundled synthetic patients into a FHIR server (once)")
     p.add_argument("--fhir-base", required=True, help="FHIR R4 base URL, e.g. http://localhost:8081/fhir")
     p.add_argument("--token", default=None, help="bearer token for the FHIR server, if it needs one")
+    p.add_argument(
+        "--pacs",
+        default=None,
+        help="Orthanc REST base (http://[user:password@]host:8042) to store the sample radiograph in, named "
+        "in FHIR by an ImagingStudy and a DICOMweb Endpoint",
+    )
+    p.add_argument(
+        "--pacs-dicomweb",
+        default=None,
+        help="the PACS's DICOMweb root as workers reach it (default: PACS/dicom-web)",
+    )
     p.set_defaults(func=load_sample_data)
 
     p = command("precompute", "queue the AI pre-visit summaries of a day's appointments (low priority)")

@@ -86,6 +86,10 @@ def test_commands_run_what_each_service_is_for(compose: dict[str, Any]) -> None:
     assert args("api").command == "serve" and args("api").host == "0.0.0.0" and args("api").port == 8080
     assert (args("worker-text").queue, args("worker-image").queue) == ("text", "image")
     assert args("seed").command == "load-sample-data" and args("seed").fhir_base == "http://fhir:8080/fhir"
+    # The seed stores the sample radiograph in the stack's PACS, which the workers may fetch from.
+    assert args("seed").pacs == "http://pacs:8042"
+    allowlist = compose["services"]["api"]["environment"]["MEDGEMMA_CDS_DICOMWEB_ALLOWLIST"]
+    assert json.loads(allowlist.split(":-", 1)[1].removesuffix("}")) == ["http://pacs:8042/dicom-web"]
     assert args("tiny-model").directory == "/models/tiny"
 
 
@@ -364,7 +368,7 @@ def resolved_config(shell: dict[str, str], env_path: Path = ROOT / ".env") -> di
     return {key: value for key, value in document.items() if not key.startswith("x-")}
 
 
-COMMON = {"init", "fhir-db", "fhir", "seed", "redis", "cds-db", "api", "beat"}
+COMMON = {"init", "fhir-db", "fhir", "seed", "pacs", "redis", "cds-db", "api", "beat"}
 PROFILES = {
     "default": (ROOT / ".env", COMMON | {"tiny-model", "worker-cpu", "worker-cpu-image"}),
     "cpu": (ROOT / "deploy" / "cpu.env", COMMON | {"tiny-model", "worker-cpu", "worker-cpu-image"}),
