@@ -82,6 +82,8 @@ def serve(args: argparse.Namespace) -> int:
                 # (the tail measured in docs/benchmarks.md). gunicorn already accepts one at a time per wake.
                 self.cfg.set("keepalive", 0)
             self.cfg.set("post_worker_init", lambda worker: tune_gc())
+            # However the worker ends (SIGTERM, SIGINT, SIGQUIT), the audit rows it holds are written first.
+            self.cfg.set("worker_exit", lambda arbiter, worker: close_audit(getattr(worker, "wsgi", None)))
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
             # gunicorn's control socket sits at one path per user ($HOME/.gunicorn/gunicorn.ctl): a second
@@ -96,6 +98,13 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def close_audit(app: Any) -> None:
+    """Write a served app's pending hook audit rows (gunicorn's ``worker_exit``; no app: nothing served)."""
+    services = getattr(app, "extensions", {}).get("cds")
+    if services is not None:
+        services.audit.close()
 
 
 def db_upgrade(args: argparse.Namespace) -> int:

@@ -194,9 +194,11 @@ class AuditWriter:
 
     A hook hands its row over and answers; the thread inserts what has gathered every AUDIT_FLUSH_S or at
     AUDIT_BATCH_ROWS rows, so audit writes neither add latency nor serialise requests on the database
-    (SQLite takes one writer at a time). Rows still queued at exit are flushed; a database outage is logged
-    and the batch is dropped, never turned into a failed hook. An idle thread ends, so a writer (and its
-    store's connection pool) doesn't outlive the app that made it.
+    (SQLite takes one writer at a time). At exit (gunicorn's ``worker_exit`` on SIGTERM, SIGINT or SIGQUIT,
+    and ``atexit``) ``close`` lets the thread finish the batch it holds and writes what is still queued, so a
+    hook that was answered is a row; a database outage is logged and the batch is dropped, never turned into
+    a failed hook. An idle thread ends, so a writer (and its store's connection pool) doesn't outlive the app
+    that made it.
     """
 
     def __init__(
@@ -213,6 +215,7 @@ class AuditWriter:
         self._rows: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._flush_at_exit = False
 
     def record(
@@ -227,18 +230,21 @@ class AuditWriter:
         latency_ms: float,
     ) -> None:
         """Queue one hook call's audit row; the patient id is kept only as a keyed hash (``patient_hash``)."""
-        self._rows.put(
-            {
-                "service_id": service_id,
-                "hook_instance": hook_instance,
-                "patient_hash": patient_hash(patient_id, self._patient_hash_key) if patient_id else None,
-                "status": status,
-                "outcome": outcome,
-                "cards": cards,
-                "latency_ms": latency_ms,
-                "created_at": utcnow(),
-            }
-        )
+        row = {
+            "service_id": service_id,
+            "hook_instance": hook_instance,
+            "patient_hash": patient_hash(patient_id, self._patient_hash_key) if patient_id else None,
+            "status": status,
+            "outcome": outcome,
+            "cards": cards,
+            "latency_ms": latency_ms,
+            "created_at": utcnow(),
+        }
+        if self._closing.is_set():
+            # The process is ending and no thread is left to write it: written before the hook answers.
+            self._write([row])
+            return
+        self._rows.put(row)
         if self._thread is None:
             self._start()
 
@@ -250,7 +256,7 @@ class AuditWriter:
                 self._thread.start()
                 if not self._flush_at_exit:
                     # A weak reference: the exit hook must not keep the writer and its store alive.
-                    atexit.register(_flush_at_exit, weakref.ref(self))
+                    atexit.register(_close_at_exit, weakref.ref(self))
                     self._flush_at_exit = True
 
     def flush(self) -> int:
@@ -264,8 +270,21 @@ class AuditWriter:
         self._write(rows)
         return len(rows)
 
+    def close(self, timeout_s: float = 10.0) -> int:
+        """Write everything before the process ends: the batch the thread holds (it stops gathering and
+        writes it), then every queued row; from now on each row is written as it is recorded. Return how
+        many queued rows this call wrote."""
+        self._closing.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        written = 0
+        while not self._rows.empty():
+            written += self.flush()
+        return written
+
     def _run(self) -> None:
-        while True:
+        while not self._closing.is_set():
             try:
                 rows = [self._rows.get(timeout=AUDIT_IDLE_S)]
             except queue.Empty:
@@ -276,7 +295,7 @@ class AuditWriter:
                         return
                 continue
             deadline = time.monotonic() + AUDIT_FLUSH_S
-            while len(rows) < AUDIT_BATCH_ROWS:
+            while len(rows) < AUDIT_BATCH_ROWS and not self._closing.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -285,6 +304,8 @@ class AuditWriter:
                 except queue.Empty:
                     break
             self._run_blocking(self._write, rows)
+        with self._lock:
+            self._thread = None
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -295,10 +316,10 @@ class AuditWriter:
             log.error("could not write %d hook audit records: %s", len(rows), type(exc).__name__)
 
 
-def _flush_at_exit(writer: weakref.ref[AuditWriter]) -> None:
+def _close_at_exit(writer: weakref.ref[AuditWriter]) -> None:
     alive = writer()
     if alive is not None:
-        alive.flush()
+        alive.close()
 
 
 class Draft(Base):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
 from flask import Flask
@@ -34,7 +33,6 @@ from support import FHIR_TOKEN
 from support import HOOK_ONLY_FHIR_SERVER
 from support import ISSUER
 from support import OTHER_ISSUER
-from support import PG_ADMIN_URL
 from support import PUBLIC_URL
 from support import SECRET_KEY
 from support import FhirServer
@@ -45,6 +43,7 @@ from support import RedisServer
 from support import free_port
 from support import leaks_in_log
 from support import model_env
+from support import postgres_database
 from support import redis_server as start_redis_server
 from support import service_env
 from support import wait_for_http
@@ -52,7 +51,6 @@ from support import wait_for_http
 from cds_service.app import create_app
 from cds_service.settings import ENV_PREFIX
 from cds_service.settings import Settings
-from cds_service.store import Store
 
 # The suite configures everything it starts itself: settings from the developer's shell (a production
 # database or Redis among them) must never reach a test's app, CLI run or service process.
@@ -104,17 +102,9 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirServer
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    """Create a throw-away PostgreSQL database for this run, migrated to head; dropped afterwards."""
-    name = f"medgemma_cds_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
-    store = Store(url)
-    store.migrate()
-    store.engine.dispose()
-    yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A throw-away PostgreSQL database for this run, migrated to head; dropped afterwards."""
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

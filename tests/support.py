@@ -230,6 +230,27 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """Create a throw-away PostgreSQL database migrated to head; yield its URL; drop it at the end."""
+    import psycopg
+
+    from cds_service.store import Store
+
+    name = f"medgemma_cds_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+        store = Store(url)
+        store.migrate()
+        store.engine.dispose()
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def service_env(
     database_url: str, redis_url: str, issuer: Issuer, public_url: str, **extra: str
 ) -> dict[str, str]:
