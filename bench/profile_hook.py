@@ -38,7 +38,7 @@ PHASES = {
     "read prefetch (FHIR parse, hashes)": ("cds_service.invoke", "resolve_prefetch"),
     "rules (summary card)": ("hooks.patient_summary", "summary_cards"),
     "record context for the model": ("hooks.patient_summary", "record_context"),
-    "model job request (Redis, Celery send)": ("cds_service.jobs", "JobQueue.request"),
+    "model job request (one Redis script)": ("cds_service.jobs", "JobQueue.request"),
     "audit": ("cds_service.api", "record_audit"),
     "serialise cards": ("cds_service.wire", "HookResponse.wire"),
 }
