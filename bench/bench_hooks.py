@@ -23,8 +23,9 @@ c. the same on PostgreSQL;
 d. HealthChain (FastAPI on uvicorn, same number of worker processes) answering the same card;
 e. SQLite, full charts, ``--burst-connections`` (64) and no worker: p95 against the budget + 100 ms.
 
-Then (unless ``--no-fill`` or ``--no-burst``) prefetch fill: patient-summary's five keys from a sekmet FHIR server behind a
-loopback proxy adding 20 ms per request, concurrently vs one at a time; over HTTP without vs with prefetch.
+Then (unless ``--no-fill`` or ``--no-burst``) prefetch fill: patient-summary's five keys from a sekmet FHIR
+server behind a loopback proxy adding 20 ms per request, concurrently vs one at a time; over HTTP without vs
+with prefetch.
 
 Every server listens on loopback and is stopped at the end. Server CPU is read from ``/proc`` for the server's
 process tree, wrk's from ``getrusage``, and "other CPU" is what the machine was busy with besides both (Redis,
