@@ -39,7 +39,6 @@ from fhir_mappings.markdown import md_text
 from fhir_mappings.markdown import plain_text
 from fhir_mappings.patient_rules import TOPICS
 from fhir_mappings.patient_rules import Finding
-from fhir_mappings.patient_rules import dose_amount
 from fhir_mappings.patient_rules import patient_findings
 from fhir_mappings.read_models import read_resource
 from fhir_mappings.record import active_allergies
@@ -464,8 +463,8 @@ def order_check_cards(
         for entry in checked:
             if not entry.identity.recognised:
                 continue
-            dose = dose_amount(entry.order.dosageInstruction, entry.concept.texts)
-            for finding in patient_findings(entry.name, entry.identity, facts, dose, entry.concept.texts):
+            dosages, texts = entry.order.dosageInstruction, entry.concept.texts
+            for finding in patient_findings(entry.name, entry.identity, facts, dosages, texts):
                 cards.append(_finding_card(entry, finding))
     return cards
 

@@ -52,6 +52,11 @@ _DAYS_PER = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1.0, "wk": 7.0, 
 # Timing.code (HL7 TimingAbbreviation): doses per day.
 _PER_DAY = {"QD": 1, "AM": 1, "PM": 1, "BED": 1, "BID": 2, "TID": 3, "QID": 4, "Q4H": 6, "Q6H": 4, "Q8H": 3}
 _STRENGTH = re.compile(r"(\d+(?:\.\d+)?)\s*(mg|mcg|ug|µg|g|meq)\b(?!\s*/)")
+# Two strengths of a combination product ("5/325 MG", "5-325 mg", "10 MG / 325 MG").
+_PAIRED_STRENGTH = re.compile(r"(\d+(?:\.\d+)?)\s*(?:mg)?\s*[-/]\s*(\d+(?:\.\d+)?)\s*mg\b")
+#: An ingredient whose daily limit holds inside combination products, and the rule for its strength there:
+#: acetaminophen is always the larger strength of its US combinations (325-750 mg with 2.5-60 mg partners).
+COMBINED_LIMITS = ("acetaminophen",)
 _EXTENDED_RELEASE = {
     "er",
     "xl",
@@ -133,12 +138,19 @@ def _strength(texts: Iterable[str]) -> float | None:
     return found.pop() if len(found) == 1 else None  # type: ignore[return-value]
 
 
-def dose_amount(dosages: Iterable[Any], texts: Iterable[str]) -> DoseAmount:
+def combination_strength(texts: Iterable[str]) -> float | None:
+    """Return the larger strength a two-ingredient product's text names ("Norco 5/325 MG"), or None."""
+    found = {max(float(a), float(b)) for text in texts for a, b in _PAIRED_STRENGTH.findall(text.lower())}
+    return found.pop() if len(found) == 1 else None
+
+
+def dose_amount(dosages: Iterable[Any], texts: Iterable[str], strength: float | None = None) -> DoseAmount:
     """Return the largest amount per dose and per day the dosage instructions give (None where unknown).
 
     The amount is ``doseQuantity`` in mass units; a dose in tablets or capsules is multiplied by the one
-    strength the product's text names. Doses per day come from ``timing.repeat`` (frequency, its maximum,
-    per period) or ``timing.code`` (BID, TID, Q6H, ...).
+    strength the product's text names, or by ``strength`` (one ingredient's, in a combination product: then
+    a dose in mass units can't be split and is not counted). Doses per day come from ``timing.repeat``
+    (frequency, its maximum, per period) or ``timing.code`` (BID, TID, Q6H, ...).
     """
     texts = list(texts)
     single = daily = period_days = doses_per_day = None
@@ -147,10 +159,11 @@ def dose_amount(dosages: Iterable[Any], texts: Iterable[str]) -> DoseAmount:
         if quantity is None or quantity.value is None:
             continue
         unit = str(quantity.unit or quantity.code or "")
-        amount = _to_mg(float(quantity.value), unit)
-        if amount is None:
-            strength = _strength(texts)
-            amount = float(quantity.value) * strength if strength is not None else None
+        mass = _to_mg(float(quantity.value), unit)
+        each = strength if strength is not None or mass is not None else _strength(texts)
+        if strength is not None and mass is not None:
+            continue
+        amount = mass if mass is not None else float(quantity.value) * each if each is not None else None
         if amount is None:
             continue
         single = max(single or 0.0, amount)
@@ -188,10 +201,13 @@ def _most_severe(findings: Iterable[Finding]) -> list[Finding]:
 
 
 def patient_findings(
-    drug: str, identity: DrugIdentity, facts: PatientFacts, dose: DoseAmount, texts: Iterable[str]
+    drug: str, identity: DrugIdentity, facts: PatientFacts, dosages: Iterable[Any], texts: Iterable[str]
 ) -> list[Finding]:
-    """Return the most severe finding per kind for an ordered drug (named ``drug`` in the text)."""
+    """Return the most severe finding per kind for an ordered drug (named ``drug`` in the text), given its
+    dosage instructions and the texts that name it."""
     rules = _rules()
+    dosages, texts = list(dosages), list(texts)
+    dose = dose_amount(dosages, texts)
     systemic = acts_systemically(identity)
     findings: list[Finding] = []
     if systemic and facts.egfr is not None:
@@ -271,6 +287,7 @@ def patient_findings(
                 )
     if systemic:
         findings += _dose_findings(drug, identity, dose)
+        findings += _combination_dose_findings(drug, identity, dosages, texts)
     if systemic and facts.age is not None:
         findings += _age_findings(drug, identity, facts.age, dose, texts)
     return _most_severe(findings)
@@ -316,10 +333,26 @@ def _dose_criteria_findings(
     return findings
 
 
+def _combination_dose_findings(
+    drug: str, identity: DrugIdentity, dosages: list[Any], texts: list[str]
+) -> list[Finding]:
+    """Return the dose findings of acetaminophen inside a two-ingredient product (tablets × its strength)."""
+    if len(identity.ingredients) != 2:
+        return []
+    findings = []
+    for ingredient in sorted(identity.ingredients & set(COMBINED_LIMITS)):
+        strength = combination_strength(texts)
+        if strength is not None:
+            dose = dose_amount(dosages, texts, strength)
+            findings += _dose_findings(drug, DrugIdentity(frozenset([ingredient]), frozenset(), True), dose)
+    return findings
+
+
 def _dose_findings(drug: str, identity: DrugIdentity, dose: DoseAmount) -> list[Finding]:
     findings = []
     limits = _rules()["dose"]
-    # A dose split over several ingredients (a combination product) can't be told per ingredient.
+    # A dose split over several ingredients (a combination product) is told per ingredient only where its
+    # strength can be read (acetaminophen combinations, above).
     for ingredient in sorted(identity.ingredients) if len(identity.ingredients) == 1 else ():
         limit = limits.get(ingredient)
         if limit is None:

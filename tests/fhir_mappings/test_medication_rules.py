@@ -265,3 +265,26 @@ def test_the_rules_page_tables_match_the_data() -> None:
     page = (root / "docs" / "medication-rules.md").read_text(encoding="utf-8")
     assert module.BEGIN in page and module.END in page
     assert module.page_with_tables(page) == page, "stale: run scripts/medication_rules_table.py --write"
+
+
+def test_acetaminophen_inside_a_combination_counts_towards_its_daily_limit() -> None:
+    from fhir_mappings.patient_rules import patient_findings
+
+    def findings(text: str, tablets: int, every_hours: int) -> list[str]:
+        order = read_resource(
+            {
+                "resourceType": "MedicationRequest",
+                "dosageInstruction": [
+                    {
+                        "doseAndRate": [{"doseQuantity": {"value": tablets, "unit": "tablet"}}],
+                        "timing": {"repeat": {"frequency": 1, "period": every_hours, "periodUnit": "h"}},
+                    }
+                ],
+            }
+        )
+        found = patient_findings(text, identify(concept(text)), facts(), order.dosageInstruction, [text])
+        return [f"{f.topic}:{f.severity}" for f in found]
+
+    assert findings("Hydrocodone-acetaminophen 5-500 mg tablet", 2, 4) == ["dose:warning"]
+    assert findings("Percocet 5/325 mg tablet", 1, 6) == []
+    assert findings("Acetaminophen 500 mg tablet", 2, 3) == ["dose:critical"]
