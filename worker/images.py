@@ -83,10 +83,12 @@ def read_image(settings: Settings, reference: ImageReference) -> ReadImage:
     return ReadImage(image=squared, png=png_bytes(squared), read=read)
 
 
-def _fhir_reader(settings: Settings, http: httpx.Client, reference: ImageReference) -> FhirReader:
+def _fhir_reader(
+    settings: Settings, http: httpx.Client, reference: ImageReference, *, with_token: bool = True
+) -> FhirReader:
     if not reference.fhir_server:
         raise ImageRejected("the request gave no fhirServer to read it from")
-    token = reference.access_token.get_secret_value() if reference.access_token else None
+    token = reference.access_token.get_secret_value() if reference.access_token and with_token else None
     try:
         return FhirReader(
             http,
@@ -107,7 +109,9 @@ def _attachment_bytes(settings: Settings, http: httpx.Client, reference: ImageRe
             return base64.b64decode(reference.data_b64, validate=True)
         except (binascii.Error, ValueError):
             raise ImageRejected("the attachment data is not valid base64") from None
-    reader = _fhir_reader(settings, http, reference)
+    # An attachment on another allowlisted server is fetched without the EHR's token: it is the EHR's only.
+    on_ehr_origin = same_origin(reference.url or "", reference.fhir_server or "")
+    reader = _fhir_reader(settings, http, reference, with_token=on_ehr_origin)
     try:
         return reader.read_bytes(reference.url or "", max_bytes=settings.max_image_bytes)
     except FhirReadError as error:
