@@ -23,8 +23,11 @@ import httpx
 import pytest
 import redis
 from flask.testing import FlaskClient
+from pacs import Pacs
+from pacs import radiograph
 from PIL import Image
 from pydantic import SecretStr
+from pydicom.uid import generate_uid
 from support import SAMPLE
 from support import FhirServer
 from support import Issuer
@@ -33,6 +36,7 @@ from support import ModelWorker
 from support import free_port
 from support import leaks_in_log
 from support import wait_for_http
+from test_imaging_dicomweb import pacs_study
 from test_imaging_report_draft import fire
 
 from cds_service.app import create_app
@@ -186,6 +190,33 @@ def test_a_new_xray_is_drafted_before_the_chart_opens(
     assert after.get(f"{key}:ready", 0) == zero_wait.get(f"{key}:ready", 0) + 1
     metrics = httpx.get(f"{notified_server.url}/metrics").text
     assert 'medgemma_cds_precompute_requests_total{outcome="enqueued",trigger="subscription"}' in metrics
+
+
+def test_a_radiograph_stored_only_in_the_pacs_is_drafted_before_the_chart_opens(
+    notified_server: LiveServer,
+    subscriptions: list[dict[str, Any]],
+    model_worker: ModelWorker,
+    issuer: Issuer,
+    fhir_server: FhirServer,
+    pacs: Pacs,
+) -> None:
+    client = redis.Redis.from_url(notified_server.env["MEDGEMMA_CDS_REDIS_URL"])
+    before = {m.decode() for m in client.smembers(PRECOMPUTE_JOBS_KEY)}
+    study_uid, series_uid = generate_uid(), generate_uid()
+    pacs.upload(radiograph(study_uid, series_uid, series_number=1, instance_number=1, view="PA"))
+    # The PACS tells the EHR, whose FHIR server now names the study: the server notifies us.
+    patient_id = pacs_study(
+        fhir_server, pacs.dicomweb, study_uid, [(series_uid, 1, "CR")], "2026-03-03T09:00:00Z"
+    )
+    job_id = wait_for_new_job(client, before)
+    record = wait_for_state(client, job_id, {b"done", b"failed"})
+    assert record == b"done", client.hget(JobStore.key(job_id), "error")
+
+    # The first chart open: the draft card at once, naming what the worker read from the PACS.
+    cards = fire(notified_server, issuer, fhir_server, patient_id)
+    assert not [c["summary"] for c in cards if ": AI analysis " in c["summary"]]
+    (draft,) = [card for card in cards if card["summary"].startswith("AI draft imaging")]
+    assert f"**Image read:** series 1 (CR, CHEST) {series_uid}" in draft["detail"]
 
 
 def wait_for_new_job(client: redis.Redis, before: set[str], timeout_s: float = 60) -> str:
