@@ -86,8 +86,14 @@ class FhirReader:
         list longer than the bound still says it has a next page.
         """
         data, seconds = self.read(relative_url)
+        return self.follow_pages(data, max_pages - 1, seconds)
+
+    def follow_pages(
+        self, data: dict[str, Any], max_pages: int = MAX_SEARCH_PAGES - 1, seconds: float = 0.0
+    ) -> tuple[dict[str, Any], float]:
+        """Return a search Bundle (a first page read or sent) with up to ``max_pages`` next pages joined."""
         base = self._base.rstrip("/")
-        for _ in range(max_pages - 1):
+        for _ in range(max_pages):
             if data.get("resourceType") != "Bundle":
                 break
             links = data.get("link") if isinstance(data.get("link"), list) else []

@@ -6,6 +6,7 @@ A key the EHR sent is used as sent (``null`` = "no data", never refetched); a ke
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import threading
@@ -191,8 +192,9 @@ def resolve_prefetch(
             if sent[key] is None:
                 resolved[key] = None
                 continue
+            value = _with_next_pages(sent[key], open_reader)  # type: ignore[arg-type]
             try:
-                parsed = cache.parse(sent[key])  # type: ignore[arg-type]
+                parsed = cache.parse(value)
             except ValueError as exc:
                 raise BadRequest(f"prefetch '{key}' is not a FHIR resource: {exc}") from None
             accept(key, parsed, fetched=False)
@@ -239,6 +241,22 @@ def resolve_prefetch(
     if failures:
         raise _failure_to_error(*failures[0])
     return Prefetched(resolved, hashes, unavailable, tolerated)
+
+
+def _with_next_pages(value: dict[str, Any], open_reader: Callable[[], FhirReader] | None) -> dict[str, Any]:
+    """Return a prefetched search Bundle with its next pages on ``fhirServer`` joined (bounded), when the EHR
+    sent only the first; as sent when there is none, no server, or a page can't be read (the checks then
+    say the list is partial)."""
+    links = value.get("link") if isinstance(value, dict) else None
+    if open_reader is None or not isinstance(links, list):
+        return value
+    if not any(isinstance(link, dict) and link.get("relation") == "next" for link in links):
+        return value
+    try:
+        joined, _ = open_reader().follow_pages(copy.deepcopy(value))
+    except (FhirReadError, BadRequest):
+        return value
+    return joined
 
 
 def _failure_to_error(key: str, error: FhirReadError) -> Exception:

@@ -307,3 +307,35 @@ def test_unknown_allergy_substance_is_said_but_no_allergy_and_foods_are_quiet(cl
     unknown = call(client, issuer, "order-select", drafts, {"allergies": bundle(allergy("Zyntrelix"))})
     (card,) = topics(unknown)["not-checked"]
     assert card["indicator"] == "info" and "'Zyntrelix'" in card["detail"]
+
+
+def test_a_prefetched_first_page_is_completed_from_the_fhir_server(client, issuer, fhir_server) -> None:
+    patient = fhir_server.post({"resourceType": "Patient", "gender": "male", "birthDate": "1955-05-05"})
+    for index in range(8):
+        text = "Simvastatin 40 mg tablet" if index == 7 else f"Levothyroxine {25 * (index + 1)} mcg"
+        fhir_server.post(
+            {
+                "resourceType": "MedicationRequest",
+                "status": "active",
+                "intent": "order",
+                "subject": {"reference": f"Patient/{patient['id']}"},
+                "medicationCodeableConcept": {"text": text},
+            }
+        )
+    first_page = fhir_server.get(f"MedicationRequest?patient={patient['id']}&_count=3")
+    assert len(first_page["entry"]) == 3 and "Simvastatin" not in str(first_page)
+    drafts = [order("d1", {"text": "Clarithromycin 500 mg tablet"})]
+    keys = ("allergies", "patient", "conditions", "observations", "labs")
+    prefetch = dict.fromkeys(keys) | {"medications": first_page}
+    response = call(
+        client,
+        issuer,
+        "order-select",
+        drafts,
+        prefetch,
+        **fhir_access(fhir_server.base_url, fhir_server.token),
+    )
+    assert response.status_code == 200, response.json
+    found = topics(response)
+    assert [c["indicator"] for c in found["drug-interaction"]] == ["critical"]
+    assert "not-checked" not in found, found.get("not-checked")
