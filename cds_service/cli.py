@@ -169,7 +169,10 @@ def build_tiny_model(args: argparse.Namespace) -> int:
     """Write the tiny random-weight Gemma3 checkpoint used by tests and the CPU demo."""
     from worker.tiny_model import build_tiny_model as build
 
-    path = build(Path(args.directory), seed=args.seed)
+    if args.vocab == "one-short" and not args.text_only:
+        print("medgemma-cds build-tiny-model: --vocab one-short needs --text-only", file=sys.stderr)
+        return 2
+    path = build(Path(args.directory), seed=args.seed, text_only=args.text_only, vocab=args.vocab)
     print(f"tiny Gemma3 checkpoint written to {path}")
     return 0
 
@@ -177,11 +180,16 @@ def build_tiny_model(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     """Start a Celery worker consuming the text or image model queue."""
     from worker.celery_app import run_worker
+    from worker.runtime import PlacementError
 
     settings = load_settings()
     # A worker with another secret than the API's can read none of its jobs: refused here in one line.
     check_production_safety(settings)
-    return run_worker(settings, queue=args.queue, concurrency=args.concurrency, pool=args.pool)
+    try:
+        return run_worker(settings, queue=args.queue, concurrency=args.concurrency, pool=args.pool)
+    except PlacementError as problem:
+        print(f"medgemma-cds worker: {problem}", file=sys.stderr)
+        return 2
 
 
 def check(args: argparse.Namespace) -> int:
@@ -191,9 +199,12 @@ def check(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.worker:
         from cds_service.readiness import local_worker_alive
+        from worker.celery_app import local_placements
 
         alive = local_worker_alive(settings)
         print("a model worker on this host answers" if alive else "no model worker on this host answers")
+        for line in local_placements(settings) if alive else []:
+            print(line)
         return 0 if alive else 1
     if args.scheduler:
         from cds_service.readiness import scheduler_alive
@@ -462,6 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("directory", help="folder to write the checkpoint into (created)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument(
+        "--text-only", action="store_true", help="a text-only Gemma3ForCausalLM, like medgemma-27b-text-it"
+    )
+    p.add_argument(
+        "--vocab",
+        choices=["padded", "one-short"],
+        default="padded",
+        help="model vocabulary vs tokenizer: padded past it (medgemma-4b-it) or one entry short (text only)",
+    )
     p.set_defaults(func=build_tiny_model)
 
     p = command("load-sample-data", "load the bundled synthetic patients into a FHIR server (once)")

@@ -125,6 +125,7 @@ RECORD_FIELDS = (
     "error",
     "generated_tokens",
     "seconds",
+    "truncated",
 )
 
 
@@ -147,6 +148,7 @@ def record_from(job_id: str, fields: dict[str, str]) -> JobRecord | None:
         error=fields.get("error"),
         generated_tokens=int(fields["generated_tokens"]) if "generated_tokens" in fields else None,
         seconds=float(fields["seconds"]) if "seconds" in fields else None,
+        truncated=json.loads(fields["truncated"]) if "truncated" in fields else None,
     )
 
 
@@ -358,7 +360,10 @@ class JobStore:
                     pipe.hset(key, mapping={**fields, "finished_at": now_iso()})
                     # The inputs (clinical text, images) go as the result arrives; only the result is kept.
                     pipe.hdel(key, "request")
-                    pipe.expire(key, self.ttl_s if fields["state"] == "done" else FAILED_TTL_S)
+                    # An answer that did not fit its (already enlarged) budget would be cut the same way
+                    # again: greedy decoding is deterministic. It is kept like a result.
+                    settled = fields["state"] == "done" or "truncated" in fields
+                    pipe.expire(key, self.ttl_s if settled else FAILED_TTL_S)
                     if fields["state"] == "done" and "generated_tokens" in fields:
                         # In the same transaction as the result, so a redelivered job adds nothing twice.
                         model = str(fields.get("model", ""))

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     image_model_revision: str | None = None
     """Hub revision (commit or tag) of the image model; unset: the default branch."""
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    text_device: str | None = None
+    """Device of the text model (auto, cpu, cuda, cuda:N); unset: DEVICE. Checked for free memory at start"""
+    image_device: str | None = None
+    """Device of the image model (auto, cpu, cuda, cuda:N); unset: DEVICE. Checked for free memory at start"""
     # Covers the worst case of every output schema (order review: ~1,300 tokens; see model_outputs.py).
     max_new_tokens: int = Field(default=1536, ge=16, le=8192)
     """Most tokens a model job may generate."""
@@ -205,6 +209,12 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError("no such file")
         return value
+
+    def model_of(self, role: str) -> tuple[str, str | None, str]:
+        """Return the model, revision and device setting of a worker role (``text`` or ``image``)."""
+        if role == "text":
+            return self.text_model, self.text_model_revision, self.text_device or self.device
+        return self.image_model, self.image_model_revision, self.image_device or self.device
 
     @property
     def development(self) -> bool:

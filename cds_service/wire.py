@@ -462,6 +462,8 @@ class JobRecord(BaseModel):
     workers: int | None = None
     ahead: int | None = None
     expected_wait_s: float | None = None
+    #: What was cut: free-text fields that fill their length limit (done), or ``max_new_tokens`` (failed).
+    truncated: list[str] | None = None
 
     def wire(self) -> dict[str, Any]:
         """Return the JSON body without null fields."""

@@ -111,6 +111,8 @@ def ai_state(record: JobRecord | None) -> AiState:
         return AiState("unavailable", "AI analysis unavailable", UNREACHABLE)
     if record.state == "done":
         return AiState("done", "AI analysis done", "The result is a draft that needs clinician review.")
+    if record.state == "failed" and "max_new_tokens" in (record.truncated or []):
+        return AiState("failed", "AI analysis failed (answer cut short)", CUT_SHORT)
     if record.state == "failed":
         return AiState("failed", "AI analysis failed", failure_words(record.error))
     if record.workers == 0:
@@ -156,6 +158,10 @@ NO_WORKER = (
     "once a worker starts; reopen the chart later."
 )
 FAILED_TO_SHOW = "What failed: the AI result could not be shown."
+CUT_SHORT = (
+    "What failed: the model's answer did not fit its output budget, even when run again with a larger one. "
+    "The same record would be cut the same way, so it is tried again only when the record changes."
+)
 #: The name of each service's AI analysis, for cards made without the handler's help.
 AI_ANALYSES = {
     "patient-summary": "Pre-visit summary",
@@ -182,6 +188,26 @@ def state_card(what: str, state: AiState, job_url: str | None) -> Card:
     )
 
 
+def truncation_note(record: JobRecord) -> str | None:
+    """Return the sentence that says which AI text was cut at its length limit, or None when none was."""
+    cut = [path for path in record.truncated or [] if path != "max_new_tokens"]
+    if not cut:
+        return None
+    fields = ", ".join(_field_name(path) for path in cut)
+    return (
+        f"**Text cut short:** {md_text(fields)} reached its length limit and ends where the space ran out, "
+        "not where the model finished."
+    )
+
+
+def _field_name(path: str) -> str:
+    """Return ``key_problems.0`` as "key problems (item 1)"."""
+    parts = path.split(".")
+    words = " ".join(part.replace("_", " ") for part in parts if not part.isdigit())
+    items = [f"item {int(part) + 1}" for part in parts if part.isdigit()]
+    return f"{words} ({', '.join(items)})" if items else words
+
+
 def summary_ai_card(
     output: PatientSummaryOutput, record: JobRecord, offered: list[str], fhir_server: str | None
 ) -> Card:
@@ -194,6 +220,7 @@ def summary_ai_card(
             f"**Medication concerns**\n\n{markdown_list(output.medication_concerns)}",
             f"**Follow-up**\n\n{markdown_list(output.follow_up)}",
             f"**Evidence used**\n\n{markdown_list(evidence)}",
+            *filter(None, [truncation_note(record)]),
             AI_DISCLAIMER,
         ]
     )

@@ -14,6 +14,7 @@ from cds_service.wire import Source
 from cds_service.wire import Suggestion
 from fhir_mappings.ai_cards import AI_DISCLAIMER
 from fhir_mappings.ai_cards import model_source
+from fhir_mappings.ai_cards import truncation_note
 from fhir_mappings.images import ImageSource
 from fhir_mappings.images import image_sources
 from fhir_mappings.images import newest_first
@@ -113,6 +114,7 @@ def imaging_draft_card(output: ImagingReadOutput, record: JobRecord, draft: Draf
                 f"**Impression (AI draft):** {md_text(output.impression)}",
                 f"**Findings (AI draft):** {md_text(output.findings)}",
                 *read,
+                *filter(None, [truncation_note(record)]),
                 AI_DISCLAIMER,
             ]
         ),
@@ -153,3 +155,12 @@ def describe_source(source: ImageSource, studies: Any) -> str:
         if reference(study) == source.study:
             return study_description(study)
     return "medical image"
+
+
+def source_modality(source: ImageSource, studies: Any) -> str | None:
+    """Return the DICOM modality code (CR, DX, CT, ...) of the study the image belongs to, if it names one."""
+    for study in bundle_resources(studies, "ImagingStudy"):
+        if reference(study) == source.study:
+            series = (study.series or [None])[0]
+            return series.modality.code if series and series.modality else None
+    return None

@@ -14,12 +14,14 @@ from cds_service.wire import JobRecord
 from cds_service.wire import Suggestion
 from fhir_mappings.ai_cards import AI_DISCLAIMER
 from fhir_mappings.ai_cards import model_source
+from fhir_mappings.ai_cards import truncation_note
 from fhir_mappings.labs import PatientFacts
 from fhir_mappings.markdown import md_text
 from fhir_mappings.model_outputs import OrderReviewOutput
 from fhir_mappings.order_conflicts import medication_orders
 from fhir_mappings.record import medication_text
-from fhir_mappings.record import reference
+from fhir_mappings.record_context import citation
+from fhir_mappings.record_context import quoted
 from fhir_mappings.summary import RULES_SOURCE
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
@@ -31,25 +33,33 @@ def orders_context(draft_orders: Any, selections: list[str] | None) -> tuple[str
     lines, refs = [], []
     for order in medication_orders(draft_orders, selections)[0]:
         name = medication_text(order, draft_orders)
-        if not order.id or not name:
+        cited = citation(order)
+        if not cited or not name:
             continue
         dosage = "; ".join(d.text for d in order.dosageInstruction if d.text)
-        lines.append(f"[{reference(order)}] draft order: {name} {dosage}".strip())
-        refs.append(reference(order))
+        lines.append(
+            f"[{cited}] draft order: {quoted(name)}" + (f" dosage: {quoted(dosage)}" if dosage else "")
+        )
+        refs.append(cited)
     return "\n".join(lines), refs
 
 
 def rule_findings_text(cards: list[Card], facts: PatientFacts) -> str:
-    """Return what the rule checks found (one line per card) and the labs and age they used, for the model."""
+    """Return what the rule checks found (one line per card) and the labs and age they used, for the model.
+
+    A card's summary names drugs as the record wrote them: it is quoted, as all record text is.
+    """
     lines = [
-        f"- {card.indicator}: {card.summary}" for card in cards if card.source.label == RULES_SOURCE.label
+        f"- {card.indicator}: {quoted(card.summary)}"
+        for card in cards
+        if card.source.label == RULES_SOURCE.label
     ]
     known = [f"age {facts.age}" if facts.age is not None else "", facts.sex or ""]
     known += [lab.describe() for lab in (facts.egfr, facts.potassium) if lab is not None]
     if facts.pregnancy:
         known.append(f"pregnant ({facts.pregnancy})")
     used = ", ".join(k for k in known if k)
-    return "\n".join(lines + ([f"Patient data the rules used: {used}"] if used else []))
+    return "\n".join(lines + ([f"Patient data the rules used: {quoted(used)}"] if used else []))
 
 
 def order_review_card(
@@ -74,7 +84,14 @@ def order_review_card(
     severity = max((c.severity for c in concerns), key=SEVERITY_RANK.__getitem__, default="info")
     return Card(
         summary=f"AI order review: {len(concerns)} concern(s) to check (draft, needs clinician review)"[:139],
-        detail="\n\n".join(["\n".join(f"- {line}" for line in lines) or "_none_", *notes, AI_DISCLAIMER]),
+        detail="\n\n".join(
+            [
+                "\n".join(f"- {line}" for line in lines) or "_none_",
+                *notes,
+                *filter(None, [truncation_note(record)]),
+                AI_DISCLAIMER,
+            ]
+        ),
         indicator=severity,  # type: ignore[arg-type]
         source=model_source(record),
         suggestions=[

@@ -1,9 +1,15 @@
-"""Record → model context: compact dated lines, each citing the resource it came from, under a budget."""
+"""Record → model context: compact dated lines, each citing the resource it came from, under a budget.
+
+Chart text is data, never instructions: every free-text value (a problem's name, a note, a unit) is written
+as a JSON string, so its newlines, quotes and brackets stay inside one quoted value on one line and cannot
+forge another ``[Type/id]`` entry or a line of instructions. A line is ``[Type/id] date kind: "text"``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +31,9 @@ from fhir_mappings.record import reference
 
 # Gemma's tokenizer spends about 4 characters a token on clinical English; the budget is in tokens.
 CHARS_PER_TOKEN = 4
+# FHIR R4 id (2.24.0.1): what a citation may contain. Read tolerantly, an id can be any text.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_FHIR_DATE = re.compile(r"\d{4}(-\d{2}(-\d{2})?)?")
 
 
 @dataclass(frozen=True)
@@ -90,9 +99,23 @@ def observation_time(observation: Any) -> datetime | None:
     return as_instant(value)
 
 
+# Line breaks that JSON leaves as they are but Python's splitlines, and some tokenizers, break lines on.
+_UNICODE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def quoted(text: str) -> str:
+    """Return chart text as one JSON string: quoted, on one line, its quotes and line breaks escaped."""
+    return json.dumps(text, ensure_ascii=False).translate(_UNICODE_BREAKS)
+
+
+def citation(resource: Any) -> str | None:
+    """Return ``Type/id`` when the resource's id is a FHIR id (so a model can cite it), else None."""
+    return reference(resource) if resource.id and _FHIR_ID.fullmatch(str(resource.id)) else None
+
+
 def _day(value: Any) -> str:
-    text = str(value) if value is not None else ""
-    return text[:10] if text else "undated"
+    text = str(value)[:10] if value is not None else ""
+    return text if _FHIR_DATE.fullmatch(text) else "undated"
 
 
 def _observation_value(observation: Any) -> str:
@@ -120,7 +143,9 @@ def patient_line(patient: Any, today: date) -> str:
         # A partial birth date ("1970", "1970-06") gives the age to within a year.
         about = "about " if len(str(patient.birthDate).strip()) < 10 else ""
         age = f", {about}{years} years old"
-    return f"Patient: {patient.gender or 'unknown sex'}{age}"
+    # A tolerant read keeps any gender text; only the R4 codes are written as they are.
+    gender = patient.gender if patient.gender in ("male", "female", "other", "unknown") else "unknown sex"
+    return f"Patient: {gender}{age}"
 
 
 def by_id(resources: list[Any]) -> list[Any]:
@@ -144,7 +169,7 @@ def record_context(
     today: date,
     content_hashes: Mapping[str, str] | None = None,
 ) -> RecordContext:
-    """Return the record as lines "[Type/id] date kind: text", most important first, cut at the budget.
+    """Return the record as lines ``[Type/id] date kind: "text"``, most important first, cut at the budget.
 
     Order of importance: allergies (high criticality first), active problems, active medications, then
     observations, each newest first with ties by id, so the text is the same whatever order the record's
@@ -159,33 +184,37 @@ def record_context(
     candidates: list[tuple[Any, str]] = []
     high_first = sorted(by_id(active_allergies(allergies)), key=lambda a: a.criticality != "high")
     for allergy in high_first:
-        criticality = f" ({allergy.criticality} criticality)" if allergy.criticality else ""
-        candidates.append((allergy, f"allergy{criticality}: {concept_text(allergy.code)}"))
+        coded = allergy.criticality in ("low", "high", "unable-to-assess")
+        criticality = f" ({allergy.criticality} criticality)" if coded else ""
+        candidates.append((allergy, f"allergy{criticality}: {quoted(concept_text(allergy.code))}"))
     for condition in newest_first(active_conditions(conditions), lambda c: as_instant(c.onsetDateTime)):
-        candidates.append(
-            (condition, f"{_day(condition.onsetDateTime)} problem: {concept_text(condition.code)}")
-        )
+        text = quoted(concept_text(condition.code))
+        candidates.append((condition, f"{_day(condition.onsetDateTime)} problem: {text}"))
     for request in newest_first(active_medication_requests(medications), lambda m: as_instant(m.authoredOn)):
-        text = concept_text(medication_concept(request))
+        text = quoted(concept_text(medication_concept(request)))
         candidates.append((request, f"{_day(request.authoredOn)} medication: {text}"))
     for observation in newest_first(bundle_resources(observations, "Observation"), observation_time):
         when = observation_time(observation)
         day = when.date().isoformat() if when else "undated"
         value = _observation_value(observation)
         if value:
-            candidates.append((observation, f"{day} {concept_text(observation.code)}: {value}"))
+            name = quoted(concept_text(observation.code))
+            candidates.append((observation, f"{day} observation: {name} = {quoted(value)}"))
 
     lines = [patient_line(patient, today)] if patient is not None else []
     budget = token_budget * CHARS_PER_TOKEN - sum(len(line) + 1 for line in lines)
     evidence: list[str] = []
     hashes: list[str] = []
     for resource, text in candidates:
-        line = f"[{reference(resource)}] {text}"
+        cited = citation(resource)
+        # An entry whose id can't be cited is still read, under its type alone.
+        line = f"[{cited or resource.get_resource_type()}] {text}"
         if len(line) + 1 > budget:
             break
         budget -= len(line) + 1
         lines.append(line)
-        evidence.append(reference(resource))
+        if cited:
+            evidence.append(cited)
         hashes.append(hash_of(resource))
     if patient is not None:
         hashes.append(hash_of(patient))

@@ -18,10 +18,11 @@ from fhir_mappings.imaging import describe_source
 from fhir_mappings.imaging import imaging_draft_card
 from fhir_mappings.imaging import imaging_worklist
 from fhir_mappings.imaging import no_image_card
+from fhir_mappings.imaging import source_modality
 from fhir_mappings.imaging import unreadable_image_card
 from fhir_mappings.model_outputs import ImagingReadOutput
-from fhir_mappings.prompts import SYSTEM_PROMPT
 from fhir_mappings.prompts import imaging_prompt
+from fhir_mappings.prompts import imaging_system_prompt
 
 
 def request_imaging_job(
@@ -34,9 +35,10 @@ def request_imaging_job(
         raise ImageRejected("this call can read no images")
     image = call.images.reference(source)
     evidence = [ref for ref in (source.resource, source.study) if ref]
-    prompt = imaging_prompt(describe_source(source, call.prefetch["studies"]))
+    modality = source_modality(source, call.prefetch["studies"])
+    prompt = imaging_prompt(describe_source(source, call.prefetch["studies"]), modality)
     job = call.jobs.for_service("imaging-report-draft").request(
-        "imaging-read", "image", SYSTEM_PROMPT, prompt,
+        "imaging-read", "image", imaging_system_prompt(modality), prompt,
         evidence=evidence, input_hashes=[image.content_hash], images=[image],
     )  # fmt: skip
     return image, evidence, job

@@ -318,9 +318,7 @@ def record_draft(
         model="google/medgemma-4b-it",
         model_version="rev-test",
     )
-    output = ImagingReadOutput(
-        findings="Clear lungs.", impression="No acute disease.", urgency="routine", evidence_ids=[]
-    )
+    output = ImagingReadOutput(findings="Clear lungs.", impression="No acute disease.", urgency="routine")
     image_ref = f"Media/{image_hash[:8]}"
     return drafts.record(
         job=job,

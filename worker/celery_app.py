@@ -7,6 +7,7 @@ Importing this module never imports torch: the API process builds the same app o
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,10 @@ from cds_service.jobs import PRECOMPUTE_QUEUES
 from cds_service.jobs import QUEUES
 from cds_service.settings import Settings
 from cds_service.settings import key_fingerprint
+
+log = logging.getLogger(__name__)
+#: ``{prefix}{queue}:{host}:{pid}``: which model a live worker runs on which device, kept with its heartbeat.
+PLACEMENT_PREFIX = "mgcds:worker-placement:"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -64,11 +69,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def start_heartbeat(settings: Settings, queue: str) -> Callable[[], None]:
+def start_heartbeat(settings: Settings, queue: str, placement: str = "") -> Callable[[], None]:
     """Start a daemon thread that tells the API (``readyz``, the AI states) this worker is alive for
-    ``queue``; return what ends it at a clean stop, so hooks say "unavailable" at once, not after the TTL."""
+    ``queue``; return what ends it at a clean stop, so hooks say "unavailable" at once, not after the TTL.
+    ``placement`` (which model on which device) is kept beside it, for ``check --worker``."""
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     key = f"{HEARTBEAT_PREFIX}{queue}:{socket.gethostname()}:{os.getpid()}"
+    placement_key = f"{PLACEMENT_PREFIX}{queue}:{socket.gethostname()}:{os.getpid()}"
     # The value is the secret's fingerprint: readyz and `check` tell a worker that can't read the API's jobs.
     fingerprint = key_fingerprint(settings)
 
@@ -78,6 +85,8 @@ def start_heartbeat(settings: Settings, queue: str) -> Callable[[], None]:
         while not stopped.is_set():
             try:
                 client.set(key, fingerprint, ex=HEARTBEAT_TTL_S)
+                if placement:
+                    client.set(placement_key, placement, ex=HEARTBEAT_TTL_S)
             except redis.RedisError:
                 pass  # Redis is down: the key expires and readyz reports the worker missing, as it should.
             stopped.wait(HEARTBEAT_S)
@@ -88,12 +97,27 @@ def start_heartbeat(settings: Settings, queue: str) -> Callable[[], None]:
         stopped.set()
         thread.join(timeout=5)  # its last beat, if one is under way, lands before the key goes
         try:
-            client.delete(key)
+            client.delete(key, placement_key)
         except redis.RedisError:
             pass  # the key expires by itself
 
     thread.start()
     return stop
+
+
+def local_placements(settings: Settings) -> list[str]:
+    """Return one line per live worker on this host: its queue, process and which model is on which device."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    lines = []
+    try:
+        for key in sorted(client.scan_iter(match=f"{PLACEMENT_PREFIX}*", count=200)):
+            queue, host, pid = key.decode().removeprefix(PLACEMENT_PREFIX).split(":", 2)
+            value = client.get(key)
+            if host == socket.gethostname() and value is not None:
+                lines.append(f"{queue} worker (pid {pid}): {value.decode()}")
+    finally:
+        client.close()
+    return lines
 
 
 def worker_queues(role: str) -> list[str]:
@@ -107,8 +131,16 @@ def run_worker(settings: Settings, *, queue: str, concurrency: int, pool: str) -
     # One torch thread per prefork child: N children each spawning all-core thread pools thrash the CPU.
     if pool == "prefork":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from worker.runtime import plan_placement_apart
+
+    # Before any task: a model that can't fit its device stops the worker now, with what to change.
+    model, revision, device = settings.model_of(queue)
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    placement = plan_placement_apart(model, revision, device, token)
+    placement.check()
+    log.info("model placement: %s", placement.describe())
     app = make_celery(settings)
-    stop_heartbeat = start_heartbeat(settings, queue)
+    stop_heartbeat = start_heartbeat(settings, queue, placement.describe())
     argv = [
         "worker",
         f"--queues={','.join(worker_queues(queue))}",

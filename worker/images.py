@@ -35,7 +35,7 @@ from fhir_mappings.images import dicom_json_value
 from fhir_mappings.images import png_bytes
 from fhir_mappings.images import square_image
 
-# MedGemma's SigLIP encoder reads 896 x 896; the review page shows the same picture.
+# MedGemma's SigLIP encoder reads 896 x 896: the size of the picture the review page shows.
 MODEL_IMAGE_SIZE = 896
 
 
@@ -79,8 +79,10 @@ def read_image(settings: Settings, reference: ImageReference) -> ReadImage:
         description = f"{read.description}, frame {decoded.frame} of {decoded.frames}"
         read = read.model_copy(update={"description": description})
     read = read.model_copy(update={"frame": decoded.frame, "frames": decoded.frames})
+    # The model gets the decoded image: its processor resizes it to 896 x 896 as in MedGemma's training
+    # (no black bars); the review page gets it letterboxed, whole and undistorted.
     squared = square_image(decoded.image, MODEL_IMAGE_SIZE)
-    return ReadImage(image=squared, png=png_bytes(squared), read=read)
+    return ReadImage(image=decoded.image, png=png_bytes(squared), read=read)
 
 
 def _fhir_reader(

@@ -3,15 +3,23 @@
 One code path for every checkpoint: ``AutoProcessor`` and ``AutoModelForImageTextToText`` from a Hub id or a
 local folder, or ``AutoModelForCausalLM`` for a text-only checkpoint such as medgemma-27b-text-it. Decoding is
 greedy and constrained by llguidance to the JSON schema of the request's pydantic model; the output is then
-validated by that model, and a failure is a result with an error, never an exception.
+validated by that model, and a failure is a result with an error, never an exception. A result says when
+it was cut: at ``max_new_tokens`` (``cut``), or in a free-text string the grammar closed at its maxLength
+(``capped``).
+
+Before a model loads, its weights' size (from its config, on the meta device) is checked against the free
+memory of the device it is placed on, so a worker refuses at start with a clear error instead of failing
+its first job with an out-of-memory error.
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -19,6 +27,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import psutil
 import torch
 from PIL import Image
 from pydantic import BaseModel
@@ -33,9 +42,19 @@ from transformers import PreTrainedModel
 from transformers import ProcessorMixin
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
+from fhir_mappings.ai_cards import model_identifier
+from fhir_mappings.model_outputs import capped_strings
+
 # Free whitespace between JSON tokens lets a model loop on blank lines until the token limit.
 _JSON_OPTIONS: llguidance.JsonCompileOptions = {"whitespace_flexible": False}
 CUT_ERROR = "output did not validate: cut at max_new_tokens"
+#: Free memory a device must have beyond the weights: activations, the KV cache of a batch of prompts
+#: (27B: ~0.5 MB a token, so 8 prompts of 2k tokens take ~8 GB), CUDA's own context and allocator slack.
+MEMORY_HEADROOM = 0.25
+
+
+class PlacementError(RuntimeError):
+    """A model does not fit the free memory of the device it is placed on."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +77,8 @@ class GenerationResult:
     """What one request produced: the raw text, and either the validated output or why there is none.
 
     ``generated_tokens`` counts the stop token; ``seconds`` is the wall time of the whole batched call, and
-    ``batch_size`` the number of requests in it.
+    ``batch_size`` the number of requests in it. ``cut``: the output reached ``max_new_tokens`` without its
+    stop token; ``capped``: the paths of free-text strings that fill their maxLength (``capped_strings``).
     """
 
     text: str
@@ -68,6 +88,8 @@ class GenerationResult:
     generated_tokens: int
     seconds: float
     batch_size: int
+    cut: bool = False
+    capped: tuple[str, ...] = ()
 
 
 @dataclass
@@ -92,8 +114,10 @@ class ModelRuntime:
         shipped = self.model.generation_config
         eos = shipped.eos_token_id if shipped.eos_token_id is not None else self._tokenizer.eos_token_id
         self._eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        # The logits are as wide as the embedding, which Gemma pads past the tokenizer (262,208 > 262,145).
-        self._vocab_size = self.model.config.get_text_config().vocab_size
+        # The logits are as wide as the embedding, which Gemma pads past the tokenizer (262,208 > 262,145);
+        # llguidance refuses a vocabulary smaller than the tokenizer, which some checkpoints have (262,144
+        # rows for 262,145 entries, the last the image token): the mask is sliced to the logits' width.
+        self._vocab_size = max(self.model.config.get_text_config().vocab_size, len(self._tokenizer))
         # Seconds for Gemma's 262k vocabulary, so it is built with the model rather than on the first request.
         self._ll_tokenizer = llguidance.hf.from_tokenizer(
             self._tokenizer, n_vocab=self._vocab_size, eos_token=self._eos_ids
@@ -141,10 +165,9 @@ class ModelRuntime:
     def _encode(self, requests: list[GenerationRequest]) -> Any:
         conversations = []
         for request in requests:
-            user_content: list[dict[str, Any]] = [
-                {"type": "image", "image": image} for image in request.images
-            ]
-            user_content.append({"type": "text", "text": request.user_text})
+            # As the model card's examples: the instruction, then the image ("Describe this X-ray", image).
+            user_content: list[dict[str, Any]] = [{"type": "text", "text": request.user_text}]
+            user_content += [{"type": "image", "image": image} for image in request.images]
             conversations.append(
                 [
                     {"role": "system", "content": [{"type": "text", "text": request.system_prompt}]},
@@ -216,6 +239,8 @@ class ModelRuntime:
             generated_tokens=generated_tokens,
             seconds=seconds,
             batch_size=batch_size,
+            cut=stop is None and output is None,
+            capped=tuple(capped_strings(request.output_schema, output)) if output is not None else (),
         )
 
 
@@ -233,8 +258,9 @@ def load_runtime(
     """
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    torch_device = _resolve_device(device)
-    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    placement = plan_placement(model_ref, revision, device, hf_token)
+    placement.check()
+    torch_device, dtype = placement.device, placement.dtype
     hub = {"revision": revision, "token": hf_token}
     config = AutoConfig.from_pretrained(model_ref, **hub)
     accepts_images = type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
@@ -255,11 +281,101 @@ def load_runtime(
     )
 
 
-def _resolve_device(device: str) -> torch.device:
-    """Return the torch device for a ``Settings.device`` value, ``auto`` meaning CUDA when there is one."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a model goes and whether it fits: its weights' bytes against the device's free memory."""
+
+    model_ref: str
+    device: torch.device
+    dtype: torch.dtype
+    weight_bytes: int
+    free_bytes: int
+
+    @property
+    def needed_bytes(self) -> int:
+        """Return the free memory the model needs: its weights and ``MEMORY_HEADROOM`` more."""
+        return int(self.weight_bytes * (1 + MEMORY_HEADROOM))
+
+    def describe(self) -> str:
+        """Return one line: which model on which device, its size and the memory free there."""
+        name = model_identifier(self.model_ref)
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"{name} on {self.device} ({_gib(self.weight_bytes)} of {dtype} weights, "
+            f"{_gib(self.free_bytes)} free)"
+        )
+
+    def check(self) -> None:
+        """Raise PlacementError, saying what to change, when the model does not fit its device."""
+        if self.free_bytes >= self.needed_bytes:
+            return
+        raise PlacementError(
+            f"{model_identifier(self.model_ref)} needs {_gib(self.needed_bytes)} on {self.device} "
+            f"({_gib(self.weight_bytes)} of weights and {MEMORY_HEADROOM:.0%} headroom) but "
+            f"{_gib(self.free_bytes)} is free: place it on another device (MEDGEMMA_CDS_TEXT_DEVICE / "
+            "MEDGEMMA_CDS_IMAGE_DEVICE, e.g. cuda:1) or free that one"
+        )
+
+
+def plan_placement(
+    model_ref: str, revision: str | None, device: str, hf_token: str | None = None
+) -> Placement:
+    """Return where ``model_ref`` would load for a ``device`` setting, with its size and the free memory.
+
+    The size comes from the config alone (the model built on the meta device), so nothing is loaded.
+    """
+    torch_device = resolve_device(device)
+    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    config = AutoConfig.from_pretrained(model_ref, revision=revision, token=hf_token)
+    model_class = (
+        AutoModelForImageTextToText
+        if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+        else AutoModelForCausalLM
+    )
+    with torch.device("meta"):
+        shape = model_class.from_config(config)
+    # Tied weights (Gemma's embedding and output layer) are one tensor, counted once.
+    weights = {id(tensor): tensor for tensor in (*shape.parameters(), *shape.buffers())}
+    weight_bytes = sum(
+        tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+        for tensor in weights.values()
+    )
+    return Placement(model_ref, torch_device, dtype, weight_bytes, free_memory(torch_device))
+
+
+def plan_placement_apart(
+    model_ref: str, revision: str | None, device: str, hf_token: str | None = None
+) -> Placement:
+    """Return ``plan_placement``, asked in a fresh process unless the device is the CPU.
+
+    Reading a GPU's free memory initialises CUDA, and CUDA initialised in a worker's parent process breaks
+    the prefork children that then load the model.
+    """
+    if device == "cpu":
+        return plan_placement(model_ref, revision, device, hf_token)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(plan_placement, model_ref, revision, device, hf_token).result()
+
+
+def free_memory(device: torch.device) -> int:
+    """Return the bytes free on ``device``: CUDA's own count for a GPU, available RAM for the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Return the torch device for a device setting, ``auto`` meaning CUDA when there is a GPU; a bare
+    ``cuda`` is GPU 0 (the one a fresh process uses), named so messages say which card."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    return torch.device("cuda", 0) if resolved.type == "cuda" and resolved.index is None else resolved
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _config_version(config: Any) -> str:

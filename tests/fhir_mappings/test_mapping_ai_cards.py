@@ -23,10 +23,6 @@ from fhir_mappings.ai_cards import model_source
 from fhir_mappings.ai_cards import summary_ai_card
 from fhir_mappings.ai_cards import summary_job_cards
 from fhir_mappings.model_outputs import PatientSummaryOutput
-from fhir_mappings.prompts import SYSTEM_PROMPT
-from fhir_mappings.prompts import imaging_prompt
-from fhir_mappings.prompts import order_review_prompt
-from fhir_mappings.prompts import summary_prompt
 
 OFFERED = ["Condition/c1", "MedicationRequest/m1", "Observation/o1"]
 SUMMARY = {
@@ -177,6 +173,17 @@ def test_a_queued_job_says_where_it_stands(progress: dict[str, Any], summary: st
     assert ai_state(record).headline == summary
 
 
+def test_a_text_cut_at_its_limit_is_marked_on_the_card() -> None:
+    output = PatientSummaryOutput.model_validate(SUMMARY)
+    whole = summary_ai_card(output, _job("done", SUMMARY), OFFERED, None)
+    cut = summary_ai_card(
+        output, _job("done", SUMMARY, truncated=["summary", "key_problems.0"]), OFFERED, None
+    )
+
+    assert "cut short" not in (whole.detail or "")
+    assert "**Text cut short:** summary, key problems (item 1) reached its length limit" in (cut.detail or "")
+
+
 @pytest.mark.parametrize("state", ["queued", "running"])
 def test_job_cards_for_pending_jobs_link_to_the_status(state: str) -> None:
     (card,) = job_cards(_job(state).model_copy(update={"workers": 1}), "Pre-visit summary", _job_url, never)
@@ -231,19 +238,13 @@ def test_summary_job_cards_for_each_state() -> None:
     assert [c.summary for c in missing] == ["Pre-visit summary: AI analysis unavailable"]
 
 
-def test_prompts_carry_their_inputs() -> None:
-    record = "[Condition/c1] 2012-06-04 problem: Hypertension"
-    orders = "[MedicationRequest/d1] draft order: Ibuprofen 400 MG Oral Tablet"
-
-    assert summary_prompt(record).endswith(f"Record:\n{record}")
-    assert "pre-visit summary" in summary_prompt(record)
-    assert "Digital Radiography Chest study 2018-04-13" in imaging_prompt(
-        "Digital Radiography Chest study 2018-04-13"
+def test_an_answer_cut_at_its_budget_fails_with_a_card_that_says_so() -> None:
+    cut = _job(
+        "failed",
+        error="the answer did not fit its token budget (cut at 1536 and 3072 new tokens)",
+        truncated=["max_new_tokens"],
     )
-    assert "routine, urgent or critical" in imaging_prompt("medical image")
-    findings = "- warning: Kidney function: Ibuprofen 400 MG Oral Tablet with eGFR 24 (below 30)"
-    review = order_review_prompt(orders, record, findings)
-    assert review.endswith(f"Draft orders:\n{orders}\n\nRule findings:\n{findings}\n\nRecord:\n{record}")
-    assert "keep, change or remove" in review
-    assert "JSON" in SYSTEM_PROMPT and "square brackets" in SYSTEM_PROMPT
-    assert "not a clinical-grade" in SYSTEM_PROMPT
+    (card,) = job_cards(cut, "Pre-visit summary", _job_url, never)
+    assert card.summary == "Pre-visit summary: AI analysis failed (answer cut short)"
+    assert "did not fit its output budget, even when run again with a larger one" in (card.detail or "")
+    assert "tried again only when the record changes" in (card.detail or "")

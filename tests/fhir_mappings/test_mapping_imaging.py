@@ -39,7 +39,6 @@ READ = ImagingReadOutput(
     findings="Right lower lobe opacity. No pleural effusion.",
     impression="Findings concerning for pneumonia.",
     urgency="urgent",
-    evidence_ids=[STUDY],
 )
 
 

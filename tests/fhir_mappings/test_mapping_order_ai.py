@@ -85,9 +85,9 @@ def test_orders_context_lists_selected_orders_with_dosage(bundle_of: Callable[..
 
     assert refs == [AMOX, IBU]
     assert text.splitlines() == [
-        "[MedicationRequest/amox] draft order: Amoxicillin 500 MG Oral Capsule"
-        " 500 mg three times daily; for 7 days",
-        "[MedicationRequest/ibu] draft order: Ibuprofen 400 MG Oral Tablet",
+        '[MedicationRequest/amox] draft order: "Amoxicillin 500 MG Oral Capsule"'
+        ' dosage: "500 mg three times daily; for 7 days"',
+        '[MedicationRequest/ibu] draft order: "Ibuprofen 400 MG Oral Tablet"',
     ]
     assert orders_context(drafts, []) == ("", [])
     assert orders_context(None, [AMOX]) == ("", [])

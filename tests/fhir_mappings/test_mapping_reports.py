@@ -26,7 +26,6 @@ READ = ImagingReadOutput(
     findings="  Right lower lobe opacity. No pleural effusion.\n",
     impression="Findings concerning for pneumonia.",
     urgency="urgent",
-    evidence_ids=["ImagingStudy/s1"],
 )
 ISSUED = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
 SIGNED = datetime(2025, 3, 5, 9, 0, 0, tzinfo=UTC)

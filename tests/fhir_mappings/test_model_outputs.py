@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from fhir_mappings.model_outputs import ImagingReadOutput
 from fhir_mappings.model_outputs import OrderReviewOutput
 from fhir_mappings.model_outputs import PatientSummaryOutput
+from fhir_mappings.model_outputs import capped_strings
 
 SUMMARY: dict[str, Any] = {
     "summary": "67 year old woman with poorly controlled type 2 diabetes and CKD stage 3.",
@@ -25,7 +26,6 @@ READ: dict[str, Any] = {
     "findings": "Right lower lobe opacity. No effusion.",
     "impression": "Findings concerning for pneumonia.",
     "urgency": "urgent",
-    "evidence_ids": ["ImagingStudy/cxr-1"],
 }
 REVIEW: dict[str, Any] = {
     "concerns": [
@@ -111,7 +111,9 @@ def test_bounds_are_enforced(
     ["Patient/123", "MedicationRequest/a-b.c", "Observation/" + "9" * 52],
 )
 def test_fhir_references_are_accepted(reference: str) -> None:
-    assert ImagingReadOutput.model_validate({**READ, "evidence_ids": [reference]}).evidence_ids == [reference]
+    assert OrderReviewOutput.model_validate({**REVIEW, "evidence_ids": [reference]}).evidence_ids == [
+        reference
+    ]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +130,7 @@ def test_fhir_references_are_accepted(reference: str) -> None:
 )
 def test_malformed_fhir_references_are_rejected(reference: str) -> None:
     with pytest.raises(ValidationError):
-        ImagingReadOutput.model_validate({**READ, "evidence_ids": [reference]})
+        OrderReviewOutput.model_validate({**REVIEW, "evidence_ids": [reference]})
 
 
 def _nodes(node: Any) -> list[dict[str, Any]]:
@@ -159,3 +161,21 @@ def test_importing_the_schemas_does_not_import_torch() -> None:
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
 
     assert completed.stdout.strip() == "False"
+
+
+def test_capped_strings_name_free_text_at_its_limit_but_never_ids_or_codes() -> None:
+    review = {
+        "concerns": [
+            {**REVIEW["concerns"][0], "issue": "x" * 200},
+            {**REVIEW["concerns"][0], "order_id": "MedicationRequest/" + "9" * 46},
+        ],
+        "evidence_ids": ["Observation/" + "9" * 52],
+    }
+    summary = {**SUMMARY, "summary": "s" * 400, "follow_up": ["ok", "f" * 100]}
+
+    assert capped_strings(OrderReviewOutput, OrderReviewOutput.model_validate(review)) == ["concerns.0.issue"]
+    assert capped_strings(PatientSummaryOutput, PatientSummaryOutput.model_validate(summary)) == [
+        "summary",
+        "follow_up.1",
+    ]
+    assert capped_strings(ImagingReadOutput, ImagingReadOutput.model_validate(READ)) == []

@@ -31,8 +31,9 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def text_only_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Return the folder of the text-only tiny checkpoint, shaped like medgemma-27b-text-it."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3-text"), text_only=True)
+    """Return the folder of the text-only tiny checkpoint, shaped like medgemma-27b-text-it, with a tokenizer
+    one entry longer than the model's vocabulary (the layout llguidance refused)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3-text"), text_only=True, vocab="one-short")
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from pydantic import BaseModel
 from pydantic import ConfigDict
@@ -18,11 +20,14 @@ from transformers import Gemma3Processor
 from fhir_mappings.model_outputs import ImagingReadOutput
 from fhir_mappings.model_outputs import OrderReviewOutput
 from fhir_mappings.model_outputs import PatientSummaryOutput
+from fhir_mappings.model_outputs import capped_strings
 from worker.runtime import CUT_ERROR
 from worker.runtime import GenerationRequest
 from worker.runtime import GenerationResult
 from worker.runtime import ModelRuntime
+from worker.runtime import PlacementError
 from worker.runtime import load_runtime
+from worker.runtime import plan_placement
 from worker.tiny_model import build_tiny_model
 
 SYSTEM = "You are a clinical decision support assistant. Answer in JSON only."
@@ -205,3 +210,75 @@ def test_text_only_checkpoint_loads_as_a_causal_lm(
     assert result.error is None and isinstance(result.output, OrderReviewOutput)
     with pytest.raises(ValueError, match="text-only"):
         text_only_runtime.generate([_request(ImagingReadOutput, "Read.", images=[chest_xray])])
+
+
+def test_a_tokenizer_one_longer_than_the_model_vocabulary_loads_and_answers(
+    text_only_runtime: ModelRuntime,
+) -> None:
+    tokenizer = text_only_runtime.processor
+    assert len(tokenizer) == text_only_runtime.model.config.vocab_size + 1
+
+    result = text_only_runtime.generate([_request(PatientSummaryOutput, LONG_NOTE, max_new_tokens=ROOMY)])[0]
+
+    assert result.error is None and isinstance(result.output, PatientSummaryOutput)
+
+
+def test_the_one_short_layout_is_for_text_only_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="text-only"):
+        build_tiny_model(tmp_path, vocab="one-short")
+
+
+def test_the_tiny_checkpoint_has_the_real_image_shapes(
+    runtime: ModelRuntime, chest_xray: Image.Image
+) -> None:
+    processor = runtime.processor
+    config = runtime.model.config
+    assert processor.image_processor.size == {"height": 896, "width": 896}
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (896, 14)
+    assert config.mm_tokens_per_image == processor.image_seq_length == 256
+    assert runtime.model.config.get_text_config().vocab_size > len(processor.tokenizer)
+
+    inputs = runtime._encode([_request(ImagingReadOutput, "Describe this X-ray", images=[chest_xray])])
+
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 896, 896)
+    ids = inputs["input_ids"][0].tolist()
+    image_positions = [i for i, token in enumerate(ids) if token == config.image_token_id]
+    assert len(image_positions) == 256
+    # As the model card's example: the instruction first, then the image.
+    text = processor.tokenizer.decode(ids[: image_positions[0]])
+    assert "Describe this X-ray" in text
+
+
+def test_results_say_where_they_were_cut(runtime: ModelRuntime) -> None:
+    cut, whole = runtime.generate(
+        [
+            _request(PatientSummaryOutput, LONG_NOTE, max_new_tokens=8),
+            _request(PatientSummaryOutput, LONG_NOTE, max_new_tokens=ROOMY),
+        ]
+    )
+
+    assert (cut.cut, cut.capped) == (True, ())
+    assert whole.cut is False and isinstance(whole.output, PatientSummaryOutput)
+    # Random weights write every string to its limit: each is reported, by its path.
+    assert whole.capped == tuple(capped_strings(PatientSummaryOutput, whole.output))
+    assert "summary" in whole.capped and len(whole.output.summary) == 400
+
+
+def test_placement_counts_the_weights_and_refuses_what_does_not_fit(
+    runtime: ModelRuntime, tiny_model_dir: Path
+) -> None:
+    placement = plan_placement(str(tiny_model_dir), None, "cpu")
+    loaded = {id(t): t for t in (*runtime.model.parameters(), *runtime.model.buffers())}
+
+    assert placement.weight_bytes == sum(t.numel() * t.element_size() for t in loaded.values())
+    assert placement.device == torch.device("cpu") and placement.free_bytes > 0
+    assert placement.describe().startswith(f"{tiny_model_dir.name} on cpu (")
+    placement.check()
+
+    crowded = replace(placement, weight_bytes=60 * 2**30, free_bytes=40 * 2**30)
+    with pytest.raises(PlacementError) as refused:
+        crowded.check()
+    message = str(refused.value)
+    assert message.startswith(f"{tiny_model_dir.name} needs 75.0 GiB on cpu (60.0 GiB of weights")
+    assert "40.0 GiB is free" in message and "MEDGEMMA_CDS_TEXT_DEVICE" in message
+    assert str(tiny_model_dir.parent) not in message

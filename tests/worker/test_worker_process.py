@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -137,6 +139,26 @@ def test_readiness_lists_live_workers(live_server: LiveServer, model_worker: Mod
         time.sleep(0.2)
     assert ready["status"] == "ready", ready
     assert ready["workers"]["text"] >= 1 and ready["workers"]["image"] >= 1
+
+
+def test_check_worker_says_which_model_is_on_which_device(
+    live_server: LiveServer, model_worker: ModelWorker, tiny_model_dir: Path
+) -> None:
+    command = [str(Path(sys.executable).parent / "medgemma-cds"), "check", "--worker"]
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(command, env=live_server.env, capture_output=True, text=True, timeout=60)
+        lines = done.stdout.splitlines()
+        if done.returncode == 0 and len(lines) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert lines[0] == "a model worker on this host answers"
+    placed = {line.split(" worker (pid ")[0]: line.split("): ", 1)[1] for line in lines[1:]}
+    assert set(placed) == {"text", "image"}
+    for placement in placed.values():
+        assert placement.startswith(f"{tiny_model_dir.name} on cpu (") and "float32 weights" in placement
 
 
 def test_hook_waits_within_its_budget_for_the_model_card(

@@ -1,0 +1,48 @@
+"""A worker whose model can't fit its device refuses at start, before any weight is read."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import Gemma3TextConfig
+
+
+def test_a_model_larger_than_the_free_memory_stops_the_worker_with_a_clear_error(tmp_path: Path) -> None:
+    # Only a config: the size check builds the model on the meta device, so no weight file is needed.
+    folder = tmp_path / "oversized-gemma3"
+    Gemma3TextConfig(
+        vocab_size=262_208,
+        hidden_size=8192,
+        intermediate_size=32_768,
+        num_hidden_layers=120,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=256,
+    ).save_pretrained(folder)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MEDGEMMA_CDS_")} | {
+        "MEDGEMMA_CDS_TEXT_MODEL": str(folder),
+        "MEDGEMMA_CDS_DEVICE": "cuda",
+        "MEDGEMMA_CDS_TEXT_DEVICE": "cpu",
+        "MEDGEMMA_CDS_SECRET_KEY": secrets.token_urlsafe(32),
+        # Nothing listens here: the worker must stop before it ever connects.
+        "MEDGEMMA_CDS_REDIS_URL": "redis://127.0.0.1:9/0",
+    }
+
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "medgemma-cds"), "worker", "--queue", "text"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("medgemma-cds worker: oversized-gemma3 needs "), done.stderr
+    assert " GiB on cpu (" in error and " GiB is free: place it on another device" in error
+    assert "MEDGEMMA_CDS_TEXT_DEVICE" in error and "Traceback" not in done.stderr
+    assert str(tmp_path) not in done.stderr
