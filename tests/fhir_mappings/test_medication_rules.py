@@ -246,7 +246,8 @@ def test_ai_review_gets_the_rule_findings_and_the_labs_they_used() -> None:
     known = facts(observation("98979-8", 22, 3))
     cards = order_check_cards(drafts, ["MedicationRequest/d1"], None, None, {}, known)
     text = rule_findings_text(cards, known)
-    assert "- critical: Kidney function: Metformin 500 mg, eGFR 22 (below 30)" in text
+    # Card summaries name drugs as the record wrote them: quoted, as all record text is for the model.
+    assert '- critical: "Kidney function: Metformin 500 mg, eGFR 22 (below 30)"' in text
     assert f"eGFR 22 mL/min/1.73m2 on {(TODAY - timedelta(days=3)).isoformat()}" in text
     assert "age 76" in text
 
