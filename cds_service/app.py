@@ -22,6 +22,7 @@ from cds_service.auth import load_trust_config
 from cds_service.dev_issuer import DEV_ISSUER
 from cds_service.dev_issuer import development_trust
 from cds_service.drafts import DraftService
+from cds_service.drafts import OutboxSweeper
 from cds_service.errors import Unauthorized
 from cds_service.fhir_guard import validate_allowlist
 from cds_service.image_reads import ImageReads
@@ -92,6 +93,7 @@ class Services:
     capacity: Capacity
     audit: AuditWriter
     drafts: DraftService
+    outbox: OutboxSweeper
     task_messages: TaskMessages
     image_reads: ImageReads
     today: Callable[[], date] = date.today
@@ -162,6 +164,7 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
     # The drug vocabulary loads once per process here, not on the first clinician's order.
     preload_drug_vocabulary()
     preload_medication_rules()
+    drafts = DraftService(store, settings, http)
     app.extensions["cds"] = Services(
         settings=settings,
         registry=load_registry(),
@@ -174,7 +177,8 @@ def create_app(settings: Settings | None = None, *, today: Callable[[], date] | 
         jobs=JobStore(redis_client, settings.result_ttl_s, request_key=job_request_key(settings)),
         capacity=Capacity(redis_client),
         audit=AuditWriter(store, purpose_key(settings, "audit-patient-hash"), run_blocking=off_the_loop()),
-        drafts=DraftService(store, settings, http),
+        drafts=drafts,
+        outbox=OutboxSweeper(drafts),
         task_messages=TaskMessages(make_celery(settings)),
         image_reads=ImageReads(redis_client, settings),
         today=today or date.today,

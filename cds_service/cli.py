@@ -81,7 +81,7 @@ def serve(args: argparse.Namespace) -> int:
                 # is, and the unlucky connections' requests queue behind a whole process's share of the load
                 # (the tail measured in docs/benchmarks.md). gunicorn already accepts one at a time per wake.
                 self.cfg.set("keepalive", 0)
-            self.cfg.set("post_worker_init", lambda worker: tune_gc())
+            self.cfg.set("post_worker_init", start_serving)
             # However the worker ends (SIGTERM, SIGINT, SIGQUIT), the audit rows it holds are written first.
             self.cfg.set("worker_exit", lambda arbiter, worker: close_audit(getattr(worker, "wsgi", None)))
             self.cfg.set("timeout", 60)
@@ -98,6 +98,14 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def start_serving(worker: Any) -> None:
+    """In each gunicorn worker once its app is loaded: tune the collector, start the write-back outbox."""
+    tune_gc()
+    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("cds")
+    if services is not None:
+        services.outbox.start()
 
 
 def close_audit(app: Any) -> None:

@@ -56,6 +56,9 @@ class DraftView(WireModel):
     signed_by_issuer: str | None = None
     signed_at: str | None = None
     written_to: str | None = None
+    #: Where the signed report is: written | pending (retried; see the last error) | failed (needs a person);
+    #: None: not signed, or no write-back server (kept in the store only).
+    write_back: str | None = None
     write_back_error: str | None = None
     reject_reason: str | None = None
     rejected_at: str | None = None
@@ -80,6 +83,7 @@ class DraftView(WireModel):
             signed_by_issuer=draft.signed_by_issuer,
             signed_at=draft.signed_at.isoformat() if draft.signed_at else None,
             written_to=draft.writeback,
+            write_back=draft.writeback_state,
             write_back_error=draft.writeback_error,
             reject_reason=draft.reject_reason,
             rejected_at=draft.rejected_at.isoformat() if draft.rejected_at else None,

@@ -322,6 +322,28 @@ class Metrics:
         )
 
 
+class WriteBackCollector(Collector):
+    """Counts signed reports by where they are (written, pending, failed) from the store at scrape time."""
+
+    def __init__(self, drafts: Any) -> None:
+        self.drafts = drafts
+
+    def collect(self) -> Iterator[Any]:
+        """Yield the write-back family; nothing when the database doesn't answer (readyz says so)."""
+        try:
+            counts = self.drafts.write_back_counts()
+        except Exception:  # noqa: BLE001 - a scrape must not fail with the database
+            return
+        reports = GaugeMetricFamily(
+            "medgemma_cds_writeback_reports",
+            "Signed reports by write-back state: written, pending (being retried), failed (needs attention).",
+            labels=["state"],
+        )
+        for state, count in sorted(counts.items()):
+            reports.add_metric([state], count)
+        yield reports
+
+
 def init_metrics(app: Flask) -> None:
     """Install the metrics on ``app``: the ``/metrics`` blueprint and the request hooks that count and time.
 
@@ -329,6 +351,7 @@ def init_metrics(app: Flask) -> None:
     """
     services = app.extensions["cds"]
     app.extensions["metrics"] = Metrics.create(services.redis, frozenset(services.registry.services))
+    app.extensions["metrics"].registry.register(WriteBackCollector(services.drafts))
     app.before_request(_start_timer)
     app.after_request(_count_request)
     app.register_blueprint(bp)

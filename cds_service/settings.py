@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     )
     fhir_writeback_token: SecretStr | None = None
     """Bearer token for FHIR_WRITEBACK_URL, if it needs one."""
+    writeback_retry_s: int = Field(default=30, ge=1, le=3600)
+    """Seconds before a signed report the EHR did not take is tried again (doubling per attempt, up to 10
+    minutes; given up after 10 attempts or a refusal, shown as failed); also how often each API process
+    looks for reports due."""
     secret_key: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
         description="Signs review-page links; set it in production (a random default dies with the process).",

@@ -362,9 +362,27 @@ class Draft(Base):
     final_report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     writeback: Mapped[str | None] = mapped_column(String(512))
     writeback_error: Mapped[str | None] = mapped_column(String(512))
+    # pending | written | failed (needs attention); None: no write-back server, kept in the store only.
+    writeback_state: Mapped[str | None] = mapped_column(String(16), index=True)
     reject_reason: Mapped[str | None] = mapped_column(Text)
     rejected_by: Mapped[str | None] = mapped_column(String(128))
     rejected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (Index("ix_drafts_issuer_patient", "issuer", "patient_id"),)
+
+
+class WriteBackOutbox(Base):
+    """A signed report to write to the EHR: queued in the sign's own transaction, delivered until it is
+    written or fails for good (the draft's ``writeback_state`` says which); one row per draft."""
+
+    __tablename__ = "writeback_outbox"
+
+    draft_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    base_url: Mapped[str] = mapped_column(String(2048))
+    # The bearer token to write with (the clinician's, or the configured one), encrypted (Fernet).
+    sealed_token: Mapped[bytes | None] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Due time of the next attempt; a delivery in progress pushes it forward, so one process takes it.
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -68,7 +68,8 @@ def stub_fhir() -> Iterator[StubFhir]:
             with lock:
                 state.transactions.append(self.headers.get("Authorization"))
             location = {"response": {"status": "201", "location": "DiagnosticReport/r1/_history/1"}}
-            self._answer(state.transaction_status, {"resourceType": "Bundle", "entry": [location] * 3})
+            bundle = {"resourceType": "Bundle", "type": "transaction-response", "entry": [location] * 3}
+            self._answer(state.transaction_status, bundle)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state.url = f"http://127.0.0.1:{server.server_address[1]}/fhir"
@@ -126,10 +127,14 @@ def test_a_refused_write_leaves_the_draft_signed_visibly_and_a_retry_writes_it(
     signed = drafts.sign(draft.id, "IMPRESSION:\nok", "Practitioner/a", "Dr A", target, vouched_by=ISSUER)
     assert signed.status == "signed" and signed.writeback is None
     assert signed.writeback_error == "the FHIR server refused the signed report (403)"
+    # A refusal needs a person (a fresh token): failed, shown, and not retried by the outbox sweep.
+    assert signed.writeback_state == "failed"
+    assert drafts.deliver_due() == 0 and stub_fhir.transactions == ["Bearer clinician-token"]
 
     stub_fhir.transaction_status = 200
     retried = drafts.retry_write_back(draft.id, target)
     assert retried.writeback == "DiagnosticReport/r1" and retried.writeback_error is None
+    assert retried.writeback_state == "written"
 
 
 @pytest.mark.parametrize("status", [401, 403, 500])
