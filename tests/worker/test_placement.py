@@ -10,6 +10,8 @@ from pathlib import Path
 
 from transformers import Gemma3TextConfig
 
+from cds_service.settings import Settings
+
 
 def test_a_model_larger_than_the_free_memory_stops_the_worker_with_a_clear_error(tmp_path: Path) -> None:
     # Only a config: the size check builds the model on the meta device, so no weight file is needed.
@@ -46,3 +48,10 @@ def test_a_model_larger_than_the_free_memory_stops_the_worker_with_a_clear_error
     assert " GiB on cpu (" in error and " GiB is free: place it on another device" in error
     assert "MEDGEMMA_CDS_TEXT_DEVICE" in error and "Traceback" not in done.stderr
     assert str(tmp_path) not in done.stderr
+
+
+def test_each_queue_has_its_own_device_and_falls_back_to_device() -> None:
+    placed = Settings(device="cuda:0", text_device="cuda:1")
+    assert placed.model_of("text") == ("google/medgemma-27b-text-it", None, "cuda:1")
+    assert placed.model_of("image") == ("google/medgemma-4b-it", None, "cuda:0")
+    assert Settings(device="cpu").model_of("text")[2] == "cpu"
