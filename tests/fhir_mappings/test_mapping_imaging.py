@@ -264,6 +264,18 @@ def test_decided_draft_is_no_longer_offered(status: str) -> None:
     assert imaging_draft_card(READ, _job(), draft) is None
 
 
+def test_an_imaging_draft_cut_at_its_limit_says_so() -> None:
+    draft = DraftRef(
+        id="d1", status="draft", report={"resourceType": "DiagnosticReport"}, review_url="https://x/y"
+    )
+    whole = imaging_draft_card(READ, _job(), draft)
+    cut = imaging_draft_card(READ, _job(truncated=["findings"]), draft)
+
+    assert whole is not None and "cut short" not in (whole.detail or "")
+    assert cut is not None
+    assert "**Text cut short:** findings reached its length limit" in (cut.detail or "")
+
+
 # --- Studies on a PACS (DICOMweb) ---------------------------------------------------------------------
 
 WADO = {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type", "code": "dicom-wado-rs"}

@@ -172,3 +172,13 @@ def test_remove_suggests_a_delete_only_where_no_rule_card_already_does() -> None
 def test_nothing_to_say_gives_no_card() -> None:
     assert _card(_review(), [AMOX], set()) is None
     assert _card(_review(), [AMOX], {AMOX}) is None
+
+
+def test_an_order_review_cut_at_its_limit_says_so() -> None:
+    output = _review(_concern(IBU, "warning", "change", issue="x" * 200))
+    cut = _job().model_copy(update={"truncated": ["concerns.0.issue"]})
+
+    card = order_review_card(output, cut, [IBU], set())
+
+    assert card is not None
+    assert "**Text cut short:** concerns issue (item 1) reached its length limit" in (card.detail or "")
