@@ -6,11 +6,12 @@ Allergy and duplicate pairs (``--cases``, ``tests/fhir_mappings/data/medication_
 specificity, per kind, the confusion counts and the misclassified ids; then the one-off data load, µs per
 ``identify()`` with its cache bypassed and µs per allergy or duplicate check.
 
-Order cases in the blind-set format (``--sets``, default every ``medication_blind_*.json`` in the test data):
-each case is sent as a real order-select and order-sign request through the Flask app's HTTP path (auth
-off, no Redis: the AI card drops out, the rule cards stand), and judged by the cards of its kind about its
-order. Per kind and hook: recall, specificity, severity agreement on caught positives, and the misses; then
-the same for coded cases with every text removed (code-only). Figures only.
+Order cases in the blind-set format (``--sets``, default every ``medication_cases_blind_*.json`` in the
+test data and the examples): each case is sent as a real order-select and order-sign request through the
+Flask app's HTTP path (auth off, no Redis: the AI card says so, the rule cards stand), and judged by the
+cards of its kind about its order. Per kind and hook: recall, specificity, severity agreement on caught
+positives, the misses and how many of them still got a not-checked warning; then the same for coded cases
+with every text removed (code-only). Figures only.
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def main() -> None:
         "--sets",
         type=Path,
         nargs="*",
-        default=[*sorted(DATA.glob("medication_blind_*.json")), DATA / "medication_order_examples.json"],
+        default=[
+            *sorted(DATA.glob("medication_cases_blind_*.json")),
+            DATA / "medication_order_examples.json",
+        ],
     )
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()

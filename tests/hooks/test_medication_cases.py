@@ -1,8 +1,9 @@
 """Labelled order cases through both order hooks over HTTP: interactions, kidney function, potassium,
 conditions, pregnancy, dose, age and allergy severity.
 
-The blind sets (``medication_blind_*.json``) were written by reviewers who had not read the rules; each kind
-must reach recall and specificity of 0.95 through order-select and order-sign alike. The examples set was
+The blind sets (``medication_cases_blind_*.json``) were written by reviewers who had not read the rules and
+committed before them; each kind must reach recall and specificity of 0.95 through order-select and
+order-sign alike. The examples set was
 written with the rules (a regression check): every case judged right, at the expected severity.
 """
 
@@ -21,7 +22,7 @@ from medication_cases import load_cases
 from medication_cases import score_cases
 
 DATA = Path(__file__).resolve().parents[1] / "fhir_mappings" / "data"
-BLIND_SETS = sorted(DATA.glob("medication_blind_*.json"))
+BLIND_SETS = sorted(DATA.glob("medication_cases_blind_*.json"))
 
 
 @pytest.fixture
