@@ -270,12 +270,9 @@ def test_a_clinic_day_opens_every_chart_with_its_ai_summary(
     # The chart opens are made "on" DAY: the app's clock is injected. Its model settings are the sweep's
     # and the worker's (the live server's environment), as in a deployment.
     same_models = settings.model_copy(
-        update={"max_new_tokens": int(live_server.env["MEDGEMMA_CDS_MAX_NEW_TOKENS"]), "hook_budget_ms": 1500}
+        update={"max_new_tokens": int(live_server.env["MEDGEMMA_CDS_MAX_NEW_TOKENS"]), "hook_budget_ms": 0}
     )
-    app = create_app(same_models, today=lambda: DAY)
-    no_wait = create_app(
-        same_models.model_copy(update={"hook_budget_ms": 0}), today=lambda: DAY
-    ).test_client()
+    no_wait = create_app(same_models, today=lambda: DAY).test_client()
     before = {m.decode() for m in redis_client.smembers(PRECOMPUTE_JOBS_KEY)}
 
     # 06:00: the morning sweep, as operators run it.
@@ -316,18 +313,17 @@ def test_a_clinic_day_opens_every_chart_with_its_ai_summary(
 
     # The day: each chart opens at its appointment time, the prefetch formatted as the EHR sends it.
     zero_wait_before = {k.decode(): int(v) for k, v in redis_client.hgetall(ZERO_WAIT_KEY).items()}
-    client = app.test_client()
     first_open: dict[str, bool] = {}
     for patient_id, _start in clinic["visits"]:
         if patient_id in changed:
             continue
-        started = time.perf_counter()
-        response = open_chart(client, issuer, fhir_server, patient_id, rng)
-        elapsed = time.perf_counter() - started
+        # With no budget to wait in, the AI card is there only when its result was ready before the open:
+        # zero-wait, judged without a clock (a timed check fails on a busy machine, not on a regression).
+        response = open_chart(no_wait, issuer, fhir_server, patient_id, rng)
         assert response.status_code == 200, response.json
         summaries = [card["summary"] for card in response.json["cards"]]
         if patient_id not in first_open:
-            first_open[patient_id] = AI_CARD in summaries and elapsed < same_models.hook_budget_ms / 1000
+            first_open[patient_id] = AI_CARD in summaries
     carried = sum(first_open.values())
     assert len(first_open) == 30
     assert carried / len(first_open) >= 0.95, f"{carried} of {len(first_open)} first opens had the AI card"
@@ -337,7 +333,7 @@ def test_a_clinic_day_opens_every_chart_with_its_ai_summary(
     opened = zero_wait["patient-summary:first"] - zero_wait_before.get("patient-summary:first", 0)
     ready = zero_wait.get("patient-summary:ready", 0) - zero_wait_before.get("patient-summary:ready", 0)
     assert (opened, ready) == (30, carried)
-    metrics = client.get("/metrics").get_data(as_text=True)
+    metrics = no_wait.get("/metrics").get_data(as_text=True)
     assert 'medgemma_cds_zero_wait_ratio{service="patient-summary"}' in metrics
     assert 'medgemma_cds_precompute_sweep_patients{progress="done"} 32.0' in metrics
     assert 'medgemma_cds_precompute_requests_total{outcome="enqueued",trigger="sweep"}' in metrics
