@@ -8,6 +8,7 @@ import time
 import traceback
 import uuid
 
+import redis
 from flask import Flask
 from flask import Response
 from flask import current_app
@@ -120,6 +121,17 @@ def _render_unexpected(error: Exception) -> tuple[Response, int]:
     return jsonify(body), 500
 
 
+def _render_store_unavailable(error: redis.RedisError) -> tuple[Response, int]:
+    # Redis down or too slow to answer: the job and session store is away for a while, not a server bug.
+    log.warning("job store unavailable", extra={"route": _route(), "error": type(error).__name__})
+    body = {
+        "error": "store-unavailable",
+        "message": "the job store is temporarily unavailable; try again shortly",
+        "requestId": get_request_id(),
+    }
+    return jsonify(body), 503
+
+
 def register(app: Flask) -> None:
     """Install the request-id hooks and one error handler per error class."""
     app.before_request(_begin_request)
@@ -128,4 +140,5 @@ def register(app: Flask) -> None:
     app.teardown_request(lambda error: clear_request_id())
     app.register_error_handler(CdsError, _render_cds_error)
     app.register_error_handler(HTTPException, _render_http_error)
+    app.register_error_handler(redis.RedisError, _render_store_unavailable)
     app.register_error_handler(Exception, _render_unexpected)

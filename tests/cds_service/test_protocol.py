@@ -221,6 +221,19 @@ def test_readiness_says_what_is_missing_when_redis_is_down(settings) -> None:
     assert response.json["missing"] == ["redis"]
 
 
+def test_job_status_answers_503_not_500_while_redis_is_down(settings, issuer) -> None:
+    from support import free_port
+
+    from cds_service.app import create_app
+
+    app = create_app(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    path = "/jobs/" + "a" * 64
+    response = app.test_client().get(path, headers=issuer.headers(path))
+    assert response.status_code == 503
+    assert response.json["error"] == "store-unavailable"
+    assert "temporarily unavailable" in response.json["message"]
+
+
 def test_redis_down_still_answers_rule_cards_within_budget(settings, issuer, hook_body) -> None:
     import time
 
