@@ -39,16 +39,6 @@ def uid(value: str) -> str:
     return value
 
 
-def same_origin(first: str, second: str) -> bool:
-    """Return whether two URLs share scheme, host and port (RFC 6454), the port defaulted from the scheme."""
-    return _origin(first) == _origin(second)
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = httpx.URL(url)
-    return parts.scheme, parts.host.lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-
-
 class DicomwebClient:
     """One allowlisted DICOMweb root, with the Authorization header chosen for it (or none)."""
 

@@ -122,7 +122,7 @@ class FhirReader:
         A FHIR ``Binary`` answered as JSON is unwrapped (R4 Binary.data); anything else is taken as raw bytes.
         """
         target = urljoin(self._base, url)
-        check_fhir_server_url(_without_query(target), self._allowlist, self._allow_http_loopback)
+        check_fhir_server_url(without_query(target), self._allowlist, self._allow_http_loopback)
         headers = {"Accept": "application/fhir+json, image/*, application/dicom;q=0.9, */*;q=0.5"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -155,7 +155,7 @@ class FhirReader:
                 return response
             url = urljoin(url, response.headers.get("Location", ""))
             # The guard judges where a request goes (scheme, host, port, path), not a search's query.
-            check_fhir_server_url(_without_query(url), self._allowlist, self._allow_http_loopback)
+            check_fhir_server_url(without_query(url), self._allowlist, self._allow_http_loopback)
             if _origin(url) != origin and "Authorization" in headers:
                 # The token was issued for the fhirServer's origin; another allowlisted origin is another
                 # party. RFC 9110 §15.4 asks a client following a redirect to consider dropping
@@ -172,6 +172,16 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return scheme, (parts.hostname or "").lower(), port
 
 
-def _without_query(url: str) -> str:
-    # The guard judges where a request goes (scheme, host, port, path), not a search's query.
+def same_origin(first: str, second: str) -> bool:
+    """Return whether two URLs share an origin (RFC 6454: scheme, host and port); False if one can't be
+    read (a malformed port), so a credential never goes to a URL nobody could place."""
+    try:
+        return _origin(first) == _origin(second)
+    except ValueError:
+        return False
+
+
+def without_query(url: str) -> str:
+    """Return ``url`` without its query and fragment: the guard judges where a request goes (scheme, host,
+    port, path), not a search's query."""
     return urlunsplit(urlsplit(url)._replace(query="", fragment=""))

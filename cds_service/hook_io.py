@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 from urllib.parse import urljoin
-from urllib.parse import urlsplit
-from urllib.parse import urlunsplit
 
 from pydantic import SecretStr
 
@@ -13,6 +11,7 @@ from cds_service.drafts import DraftOwner
 from cds_service.drafts import DraftService
 from cds_service.drafts import source_key
 from cds_service.errors import BadRequest
+from cds_service.fhir_client import without_query
 from cds_service.fhir_guard import check_fhir_server_url
 from cds_service.image_reads import ImageReads
 from cds_service.settings import Settings
@@ -25,11 +24,6 @@ from fhir_mappings.images import ImageRejected
 from fhir_mappings.images import ImageSource
 from fhir_mappings.images import source_hash
 from fhir_mappings.model_outputs import ImagingReadOutput
-
-
-def _without_query(url: str) -> str:
-    # The guard judges where a request goes (scheme, host, port, path), not a query.
-    return urlunsplit(urlsplit(url)._replace(query="", fragment=""))
 
 
 class RecordImages:
@@ -79,7 +73,7 @@ class RecordImages:
         url = urljoin(self.fhir_server + "/", source.url or "")
         try:
             check_fhir_server_url(
-                _without_query(url),
+                without_query(url),
                 self.settings.fhir_server_allowlist,
                 self.settings.fhir_allow_http_loopback,
                 what="the attachment URL",

@@ -19,10 +19,10 @@ from PIL import Image
 
 from cds_service.dicomweb import DicomwebClient
 from cds_service.dicomweb import DicomwebError
-from cds_service.dicomweb import same_origin
 from cds_service.errors import BadRequest
 from cds_service.fhir_client import FhirReader
 from cds_service.fhir_client import FhirReadError
+from cds_service.fhir_client import same_origin
 from cds_service.settings import Settings
 from cds_service.wire import ImageRead
 from cds_service.wire import ImageReference

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from cds_service.dicomweb import DicomwebClient
-from cds_service.dicomweb import same_origin
+from cds_service.fhir_client import same_origin
 from cds_service.settings import Settings
 from cds_service.store import Draft
 from cds_service.wire import ImageRead
