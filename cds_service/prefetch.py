@@ -192,7 +192,9 @@ def resolve_prefetch(
             if sent[key] is None:
                 resolved[key] = None
                 continue
-            value = _with_next_pages(sent[key], open_reader)  # type: ignore[arg-type]
+            value = sent[key]
+            if not declared[key].first_page_only:
+                value = _with_next_pages(value, open_reader)  # type: ignore[arg-type]
             try:
                 parsed = cache.parse(value)
             except ValueError as exc:
@@ -218,8 +220,14 @@ def resolve_prefetch(
     if to_fetch and open_reader is not None:
         reader = open_reader()
         # A search's next pages on the same server are read too (bounded): a safety list is whole or says not.
+        # A first-page-only search (the newest N) is read as the EHR prefetches it.
         futures = {
-            key: executor.submit(reader.read_search if answer_type(query) == "Bundle" else reader.read, query)
+            key: executor.submit(
+                reader.read
+                if declared[key].first_page_only or answer_type(query) != "Bundle"
+                else reader.read_search,
+                query,
+            )
             for key, query in to_fetch.items()
         }
     failures: list[tuple[str, FhirReadError]] = []

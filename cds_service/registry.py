@@ -33,10 +33,16 @@ class Prefetch:
 
     ``failure_mode`` follows HAPI's CdsPrefetchFailureMode: ``fail`` answers 412, ``omit`` hands the handler
     ``None`` so it can still answer from what it has.
+
+    ``first_page_only`` marks a search whose first page is the whole answer, such as the newest N
+    (``_sort=-date&_count=N``): its next pages are neither read from ``fhirServer`` nor taken from a sent
+    ``next`` link, so the service reads what the EHR prefetches, and a call built from the FHIR server (the
+    precompute sweep) reads the same record. Other searches are lists that must be read whole.
     """
 
     query: str
     failure_mode: Literal["fail", "omit"] = "fail"
+    first_page_only: bool = False
 
 
 @dataclass(frozen=True)

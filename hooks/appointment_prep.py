@@ -6,9 +6,9 @@ lower-priority precompute queue, and never waits for it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
-from cds_service.registry import Prefetch
 from cds_service.registry import service
 from cds_service.wire import Card
 from cds_service.wire import HookCall
@@ -28,7 +28,7 @@ PREPARE_DAYS_AHEAD = 1
     title="Pre-visit preparation",
     description="Starts the AI pre-visit summary (MedGemma draft) when a visit today or tomorrow is booked.",
     # Booking must never fail on our account: data we can't read only means nothing is prepared.
-    prefetch={key: Prefetch(p.query, "omit") for key, p in SUMMARY_PREFETCH.items()},
+    prefetch={key: replace(p, failure_mode="omit") for key, p in SUMMARY_PREFETCH.items()},
     precomputes="background",
 )
 def appointment_prep(call: HookCall) -> HookResponse:

@@ -6,7 +6,8 @@ precomputed work (the patient is here), and never waits for it. It answers no ca
 
 from __future__ import annotations
 
-from cds_service.registry import Prefetch
+from dataclasses import replace
+
 from cds_service.registry import service
 from cds_service.wire import HookCall
 from cds_service.wire import HookResponse
@@ -20,7 +21,7 @@ from hooks.patient_summary import request_summary_job
     title="Check-in preparation",
     description="Starts the AI pre-visit summary (MedGemma draft) when the patient checks in.",
     # Check-in must never fail on our account: data we can't read only means nothing is prepared.
-    prefetch={key: Prefetch(p.query, "omit") for key, p in SUMMARY_PREFETCH.items()},
+    prefetch={key: replace(p, failure_mode="omit") for key, p in SUMMARY_PREFETCH.items()},
     precomputes="interactive",
 )
 def encounter_prep(call: HookCall) -> HookResponse:

@@ -25,8 +25,11 @@ SUMMARY_PREFETCH = {
     "conditions": Prefetch("Condition?patient={{context.patientId}}&clinical-status=active"),
     "medications": Prefetch("MedicationRequest?patient={{context.patientId}}&status=active"),
     "allergies": Prefetch("AllergyIntolerance?patient={{context.patientId}}"),
-    # Labs and vitals enrich the AI summary; without them the rule card still stands.
-    "observations": Prefetch("Observation?patient={{context.patientId}}&_sort=-date&_count=30", "omit"),
+    # Labs and vitals enrich the AI summary; without them the rule card still stands. The newest 30 are the
+    # answer: their next pages are not read, so the sweep's job is the one a chart open's prefetch asks for.
+    "observations": Prefetch(
+        "Observation?patient={{context.patientId}}&_sort=-date&_count=30", "omit", first_page_only=True
+    ),
 }
 
 
