@@ -3,7 +3,9 @@
 Each rule (``fhir_mappings/data/patient_rules.json``) names a drug set, the patient fact it needs, a severity,
 what it means and its source. A rule whose fact the record does not hold stays quiet (nothing is guessed);
 only drugs that act systemically are checked, except where a rule says any route counts (timolol eye drops
-in asthma). Per order and kind, the most severe matching rule gives the finding.
+in asthma, promethazine suppositories under 2). Per order and kind, the most severe matching rule gives the
+finding. Doses are read in mg (mEq); a dose per kg counts with the recorded body weight, and international
+units only for drugs whose units have a mass (vitamin D).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ TOPICS = {
     "drug-condition": "Drug-condition",
     "pregnancy": "Pregnancy",
     "dose": "Dose limit",
-    "age": "Older adults",
+    "age": "Age",
 }
 _MG_PER_UNIT = {
     "mg": 1.0,
@@ -48,10 +50,25 @@ _MG_PER_UNIT = {
     "meq": 1.0,
     "mmol": 1.0,
 }
+#: International units (UCUM "[iU]", "[IU]", RxNorm "UNT"): a mass only where the drug's unit has one.
+_INTERNATIONAL_UNITS = {"iu", "unit", "unt", "u", "international unit"}
+_PER_KG = re.compile(r"\s*/\s*kg\b.*$", re.IGNORECASE)
 _DAYS_PER = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1.0, "wk": 7.0, "mo": 30.0, "a": 365.0}
-# Timing.code (HL7 TimingAbbreviation): doses per day.
-_PER_DAY = {"QD": 1, "AM": 1, "PM": 1, "BED": 1, "BID": 2, "TID": 3, "QID": 4, "Q4H": 6, "Q6H": 4, "Q8H": 3}
-_STRENGTH = re.compile(r"(\d+(?:\.\d+)?)\s*(mg|mcg|ug|µg|g|meq)\b(?!\s*/)")
+# Timing.code (HL7 TimingAbbreviation): doses per day; "Q<n>H" (Q12H, Q48H) is read as every n hours.
+_PER_DAY = {
+    "QD": 1,
+    "AM": 1,
+    "PM": 1,
+    "BED": 1,
+    "BID": 2,
+    "TID": 3,
+    "QID": 4,
+    "QOD": 1 / 2,
+    "WK": 1 / 7,
+    "MO": 1 / 30,
+}
+_EVERY_HOURS = re.compile(r"Q(\d{1,4})H")
+_STRENGTH = re.compile(r"(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)\s*(mg|mcg|ug|µg|g|meq|iu|units?|unt)\b(?!\s*/)")
 # Two strengths of a combination product ("5/325 MG", "5-325 mg", "10 MG / 325 MG").
 _PAIRED_STRENGTH = re.compile(r"(\d+(?:\.\d+)?)\s*(?:mg)?\s*[-/]\s*(\d+(?:\.\d+)?)\s*mg\b")
 #: An ingredient whose daily limit holds inside combination products, and the rule for its strength there:
@@ -85,12 +102,14 @@ class Finding:
 
 @dataclass(frozen=True)
 class DoseAmount:
-    """How much of an order is given: each time and per day (mg, or mEq), and days between doses."""
+    """How much of an order is given: each time and per day (mg, or mEq), the days between dosing periods,
+    doses per day, and mg per kg of body weight per day (a dose per kg, or mg with the recorded weight)."""
 
     single: float | None
     daily: float | None
     period_days: float | None
     per_day: float | None = None
+    daily_per_kg: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +134,8 @@ def _rules() -> dict[str, Any]:
         "pregnancy": load(data["pregnancy"]),
         "dose": data["dose"],
         "age": load(data["age"]),
+        "schedules": load(data["schedules"]),
+        "international_units": load(data["international_units"]),
     }
 
 
@@ -124,18 +145,38 @@ def preload() -> None:
     interaction_rules()
 
 
-def _to_mg(value: float, unit: str) -> float | None:
+def _unit_key(unit: str) -> str:
     key = unit.strip().lower().replace("µ", "u").strip("[]{}")
-    key = key[:-1] if key.endswith("s") and key[:-1] in _MG_PER_UNIT else key
+    singular = key[:-1] if key.endswith("s") else key
+    return singular if singular in _MG_PER_UNIT or singular in _INTERNATIONAL_UNITS else key
+
+
+def _international_unit(unit: str) -> bool:
+    return _unit_key(unit) in _INTERNATIONAL_UNITS
+
+
+def _to_mg(value: float, unit: str, mg_per_unit: float | None = None) -> float | None:
+    """Return an amount in mg (mEq as is); international units only with the drug's mg per unit."""
+    key = _unit_key(unit)
+    if key in _INTERNATIONAL_UNITS:
+        return value * mg_per_unit if mg_per_unit is not None else None
     factor = _MG_PER_UNIT.get(key)
     return value * factor if factor is not None else None
 
 
-def _strength(texts: Iterable[str]) -> float | None:
-    """Return the one strength a product's text names ("Acetaminophen 500 MG Oral Tablet"), or None."""
-    found = {_to_mg(float(v), u) for text in texts for v, u in _STRENGTH.findall(text.lower())}
+def _strength(texts: Iterable[str], mg_per_unit: float | None = None) -> float | None:
+    """Return the one strength a product's text names ("Acetaminophen 500 MG Oral Tablet"), or None.
+
+    "Ergocalciferol 1.25 MG (50,000 UNT)" names one strength twice when a unit is worth 0.000025 mg.
+    """
+    found = {
+        _to_mg(float(v.replace(",", "")), u, mg_per_unit)
+        for text in texts
+        for v, u in _STRENGTH.findall(text.lower())
+    }
     found.discard(None)
-    return found.pop() if len(found) == 1 else None  # type: ignore[return-value]
+    rounded = {round(mg, 6) for mg in found if mg is not None}
+    return rounded.pop() if len(rounded) == 1 else None
 
 
 def combination_strength(texts: Iterable[str]) -> float | None:
@@ -144,50 +185,83 @@ def combination_strength(texts: Iterable[str]) -> float | None:
     return found.pop() if len(found) == 1 else None
 
 
-def dose_amount(dosages: Iterable[Any], texts: Iterable[str], strength: float | None = None) -> DoseAmount:
+def dose_amount(
+    dosages: Iterable[Any],
+    texts: Iterable[str],
+    strength: float | None = None,
+    *,
+    weight_kg: float | None = None,
+    mg_per_unit: float | None = None,
+) -> DoseAmount:
     """Return the largest amount per dose and per day the dosage instructions give (None where unknown).
 
-    The amount is ``doseQuantity`` in mass units; a dose in tablets or capsules is multiplied by the one
-    strength the product's text names, or by ``strength`` (one ingredient's, in a combination product: then
-    a dose in mass units can't be split and is not counted). Doses per day come from ``timing.repeat``
-    (frequency, its maximum, per period) or ``timing.code`` (BID, TID, Q6H, ...).
+    The amount is ``doseQuantity`` in mass units (international units with ``mg_per_unit``); a dose per kg
+    ("mg/kg") counts with ``weight_kg``; a dose in tablets or capsules is multiplied by the one strength the
+    product's text names, or by ``strength`` (one ingredient's, in a combination product: then a dose in
+    mass units can't be split and is not counted). Doses per day come from ``timing.repeat`` (frequency, its
+    maximum, per period of any length: every 48 h is half a dose a day) or ``timing.code`` (BID, Q6H, QOD,
+    WK, ...).
     """
     texts = list(texts)
-    single = daily = period_days = doses_per_day = None
+    single = daily = period_days = doses_per_day = daily_per_kg = None
     for dosage in dosages:
         quantity = next((d.doseQuantity for d in dosage.doseAndRate if d.doseQuantity is not None), None)
         if quantity is None or quantity.value is None:
             continue
-        unit = str(quantity.unit or quantity.code or "")
-        mass = _to_mg(float(quantity.value), unit)
-        each = strength if strength is not None or mass is not None else _strength(texts)
-        if strength is not None and mass is not None:
-            continue
-        amount = mass if mass is not None else float(quantity.value) * each if each is not None else None
+        value, unit = float(quantity.value), str(quantity.unit or quantity.code or "")
+        per_day, days = _per_day(dosage.timing)
+        base = _PER_KG.sub("", unit)
+        mass = _to_mg(value, base, mg_per_unit)
+        per_kg: float | None = None
+        if base != unit:
+            # A dose per kg: mg per kg as ordered, and mg with the patient's weight (else unknown).
+            if mass is None or strength is not None:
+                continue
+            per_kg = mass
+            amount = mass * weight_kg if weight_kg else None
+        elif mass is not None:
+            if strength is not None:
+                continue
+            amount = mass
+        elif _international_unit(base):
+            continue  # units of a drug whose unit has no mass here (insulin, heparin): not a count
+        else:
+            each = strength if strength is not None else _strength(texts, mg_per_unit)
+            amount = value * each if each is not None else None
+        if per_kg is None and amount is not None and weight_kg:
+            per_kg = amount / weight_kg
+        if per_kg is not None and per_day is not None:
+            daily_per_kg = max(daily_per_kg or 0.0, per_kg * per_day)
         if amount is None:
             continue
         single = max(single or 0.0, amount)
-        per_day, days = _per_day(dosage.timing)
         if per_day is not None:
             daily = max(daily or 0.0, amount * per_day)
             doses_per_day = max(doses_per_day or 0.0, per_day)
             period_days = days if period_days is None else min(period_days, days)
-    return DoseAmount(single, daily, period_days, doses_per_day)
+    return DoseAmount(single, daily, period_days, doses_per_day, daily_per_kg)
 
 
 def _per_day(timing: Any) -> tuple[float | None, float]:
-    """Return the doses per day and the days between dosing periods, from a Timing."""
+    """Return the doses per day and the days between dosing periods, from a Timing.
+
+    A frequency without a period is per one ``periodUnit``; a code gives at least a day between periods
+    (QOD 2, WK 7, Q48H 2).
+    """
     if timing is None:
         return None, 1.0
     repeat = timing.repeat
-    if repeat is not None and repeat.periodUnit in _DAYS_PER and repeat.period:
-        days = float(repeat.period) * _DAYS_PER[repeat.periodUnit]
+    if repeat is not None and repeat.periodUnit in _DAYS_PER and (repeat.period or repeat.frequency):
+        days = float(repeat.period or 1) * _DAYS_PER[repeat.periodUnit]
         frequency = repeat.frequencyMax or repeat.frequency or 1
         return frequency / days, days
     if timing.code is not None:
         for coding in timing.code.coding:
-            if coding.code and coding.code.upper() in _PER_DAY:
-                return float(_PER_DAY[coding.code.upper()]), 1.0
+            code = (coding.code or "").upper()
+            every = _EVERY_HOURS.fullmatch(code)
+            per_day = 24 / int(every.group(1)) if every and int(every.group(1)) else _PER_DAY.get(code)
+            if per_day is not None:
+                return float(per_day), max(1.0, 1 / per_day)
     return None, 1.0
 
 
@@ -207,7 +281,9 @@ def patient_findings(
     dosage instructions and the texts that name it."""
     rules = _rules()
     dosages, texts = list(dosages), list(texts)
-    dose = dose_amount(dosages, texts)
+    mg_per_unit = _mg_per_unit(identity)
+    weight = facts.weight_kg.value if facts.weight_kg is not None else None
+    dose = dose_amount(dosages, texts, weight_kg=weight, mg_per_unit=mg_per_unit)
     systemic = acts_systemically(identity)
     findings: list[Finding] = []
     if systemic and facts.egfr is not None:
@@ -286,18 +362,32 @@ def patient_findings(
                     )
                 )
     if systemic:
+        findings += _schedule_findings(drug, identity, dose, mg_per_unit)
         findings += _dose_findings(drug, identity, dose)
         findings += _combination_dose_findings(drug, identity, dosages, texts)
-    if systemic and facts.age is not None:
-        findings += _age_findings(drug, identity, facts.age, dose, texts)
+    if facts.age is not None:
+        findings += _age_findings(drug, identity, facts.age, dose, texts, systemic)
     return _most_severe(findings)
 
 
+def _mg_per_unit(identity: DrugIdentity) -> float | None:
+    """Return the mg in one international unit of a one-ingredient drug (vitamin D), or None."""
+    if len(identity.ingredients) > 1:
+        return None
+    units = _rules()["international_units"]
+    return next((rule.data["mg_per_unit"] for rule in units if rule.drugs.matches(identity)), None)
+
+
 def _adjusted(rule: _Rule, dose: DoseAmount) -> bool:
-    """Return whether the order already has the label's dose for this kidney function (not an alert)."""
+    """Return whether the order already has the label's dose for this kidney function (not an alert): a
+    daily total, doses per day, or mg per kg per day (within syringe rounding, ``per_kg_tolerance``)."""
     daily_max = rule.data.get("adjusted_daily_max")
     if daily_max is not None and dose.daily is not None and dose.daily <= daily_max * 1.0001:
         return True
+    per_kg = rule.data.get("adjusted_mg_per_kg_daily")
+    if per_kg is not None and dose.daily_per_kg is not None:
+        if dose.daily_per_kg <= per_kg * (1 + rule.data.get("per_kg_tolerance", 0.0)) + 1e-9:
+            return True
     per_day = rule.data.get("adjusted_doses_per_day")
     return per_day is not None and dose.per_day is not None and dose.per_day <= per_day
 
@@ -358,21 +448,10 @@ def _dose_findings(drug: str, identity: DrugIdentity, dose: DoseAmount) -> list[
         if limit is None:
             continue
         unit = limit.get("unit", "mg")
-        if ingredient == "methotrexate" and dose.period_days is not None and dose.period_days < 7:
-            findings.append(
-                Finding(
-                    "dose",
-                    "critical",
-                    f"Dose: {drug} ordered daily; oral methotrexate for non-cancer use is weekly",
-                    "Methotrexate ordered more often than weekly: daily dosing of a weekly drug is a known "
-                    "fatal error. Confirm the indication and the schedule.",
-                    limit["source"],
-                )
-            )
-            continue
         checks = [("per day", dose.daily, limit.get("daily")), ("per dose", dose.single, limit.get("single"))]
-        if ingredient == "methotrexate" and dose.daily is not None and dose.period_days:
-            checks = [("per week", dose.daily * 7, limit.get("daily"))]
+        if limit.get("weekly_drug"):
+            # The limit of a weekly drug is per week; ordered more often, the schedule finding says so.
+            checks = [("per week", dose.daily * 7 if dose.daily is not None else None, limit.get("daily"))]
         for what, amount, maximum in checks:
             if amount is None or maximum is None or amount <= maximum * 1.0001:
                 continue
@@ -394,14 +473,69 @@ def _dose_findings(drug: str, identity: DrugIdentity, dose: DoseAmount) -> list[
     return findings
 
 
-def _age_findings(
-    drug: str, identity: DrugIdentity, age: int, dose: DoseAmount, texts: Iterable[str]
+def _ordered_how_often(dose: DoseAmount) -> str:
+    per_day, days = dose.per_day or 0.0, dose.period_days or 0.0
+    if days > 1.0001:
+        return f"every {days:g} days"
+    return "daily" if per_day <= 1.0001 else f"{per_day:g} times a day"
+
+
+def _schedule_findings(
+    drug: str, identity: DrugIdentity, dose: DoseAmount, mg_per_unit: float | None
 ) -> list[Finding]:
+    """Return findings of a weekly or monthly drug ordered more often, at the strength given that way
+    (ISMP: alendronate 70 mg or methotrexate ordered daily instead of weekly)."""
+    if len(identity.ingredients) > 1 or dose.period_days is None or dose.single is None:
+        return []
+    findings = []
+    for rule in _rules()["schedules"]:
+        data = rule.data
+        if dose.period_days >= data["every_days"] or not rule.drugs.matches(identity):
+            continue
+        unit = data.get("unit", "mg")
+        per_mg = 1.0 if unit == "mg" else mg_per_unit
+        if per_mg is None:
+            continue
+        amount = round(dose.single / per_mg, 6)
+        if amount < data.get("min_dose", 0) or amount > data.get("max_dose", amount):
+            continue
+        findings.append(
+            Finding(
+                "dose",
+                data["severity"],
+                f"Dose: {drug} {amount:,g} {unit} ordered {_ordered_how_often(dose)}; "
+                f"{rule.drugs.label} is taken {data['schedule']}",
+                f"{data['what']} The order gives {amount:,g} {unit} {_ordered_how_often(dose)}.",
+                data["source"],
+            )
+        )
+    return findings
+
+
+def _age_findings(
+    drug: str, identity: DrugIdentity, age: int, dose: DoseAmount, texts: Iterable[str], systemic: bool
+) -> list[Finding]:
+    """Return the age findings: label age limits in children ("under_age") and Beers criteria in older
+    adults ("min_age")."""
     findings = []
     words = {w for text in texts for w in normalise(text)}
     for rule in _rules()["age"]:
         data = rule.data
-        if age < data["min_age"] or not rule.drugs.matches(identity):
+        if not (systemic or data.get("any_route")) or not rule.drugs.matches(identity):
+            continue
+        if "under_age" in data:
+            if age < data["under_age"]:
+                findings.append(
+                    Finding(
+                        "age",
+                        data["severity"],
+                        f"Age {age} (under {data['under_age']}): {drug} ({rule.drugs.label})",
+                        f"{data['what']} Patient age: {age}.",
+                        data["source"],
+                    )
+                )
+            continue
+        if age < data["min_age"]:
             continue
         if "min_daily_mg" in data:
             if dose.daily is None and not data.get("unknown_dose"):

@@ -34,7 +34,8 @@ def _side(side: dict[str, Any], groups: dict[str, Any]) -> str:
 
 
 def rule_tables() -> str:
-    """Return the Markdown tables: interactions, kidney, potassium, conditions, pregnancy, dose and age."""
+    """Return the Markdown tables: interactions, kidney, potassium, conditions, pregnancy, dose, schedules
+    and age."""
     interactions = json.loads((DATA / "interactions.json").read_text(encoding="utf-8"))
     rules = json.loads((DATA / "patient_rules.json").read_text(encoding="utf-8"))
     groups = interactions["groups"]
@@ -61,7 +62,7 @@ def rule_tables() -> str:
     for rule in rules["renal"]:
         label, source = _cell(rule["drugs"]["label"]), _cell(rule["source"])
         if "below" in rule:
-            adjusted = rule.get("adjusted_daily_max", "")
+            adjusted = _adjusted(rule)
             out.append(f"| {label} | {rule['below']} | {rule['severity']} | {adjusted} | {source} |")
         else:
             c = rule["criteria"]
@@ -101,16 +102,36 @@ def rule_tables() -> str:
     out += ["| ingredient | per day | per dose | source |", "| --- | --- | --- | --- |"]
     for name, limit in sorted(rules["dose"].items()):
         unit = limit.get("unit", "mg")
-        daily = f"{limit['daily']} {unit}" + (
-            " per week (more often than weekly: critical)" if name == "methotrexate" else ""
-        )
+        daily = f"{limit['daily']} {unit}" + (" per week" if limit.get("weekly_drug") else "")
         single = f"{limit['single']} {unit}" if "single" in limit else ""
         out.append(f"| {name} | {daily} | {single} | {_cell(limit['source'])} |")
-    out += ["", "### Older adults", "", "| drugs | age | severity | source |", "| --- | --- | --- | --- |"]
+    out += ["", "### Weekly and monthly drugs (ordered more often)", ""]
+    out += ["| drugs | strength | given | severity | source |", "| --- | --- | --- | --- | --- |"]
+    for rule in rules["schedules"]:
+        unit = rule.get("unit", "mg")
+        low, high = rule.get("min_dose"), rule.get("max_dose")
+        strength = "any" if low is None else f"{low:,} {unit}" if low == high else f"{low:,} {unit} or more"
+        cells = [rule["drugs"]["label"], strength, rule["schedule"], rule["severity"], rule["source"]]
+        out.append("| " + " | ".join(_cell(str(cell)) for cell in cells) + " |")
+    out += ["", "### Age", "", "| drugs | age | severity | source |", "| --- | --- | --- | --- |"]
     for rule in rules["age"]:
         drugs = f"{rule['drugs']['label']}: {_names(rule['drugs'])}"
-        out.append(f"| {_cell(drugs)} | ≥ {rule['min_age']} | {rule['severity']} | {_cell(rule['source'])} |")
+        age = f"under {rule['under_age']}" if "under_age" in rule else f"≥ {rule['min_age']}"
+        out.append(f"| {_cell(drugs)} | {age} | {rule['severity']} | {_cell(rule['source'])} |")
     return "\n".join(out) + "\n"
+
+
+def _adjusted(rule: dict[str, Any]) -> str:
+    """Return the renal regimens a rule does not alert at: a daily total, mg/kg per day, doses per day."""
+    parts = []
+    if "adjusted_daily_max" in rule:
+        parts.append(f"{rule['adjusted_daily_max']}")
+    if "adjusted_mg_per_kg_daily" in rule:
+        parts.append(f"{rule['adjusted_mg_per_kg_daily']} mg/kg")
+    if "adjusted_doses_per_day" in rule:
+        doses = rule["adjusted_doses_per_day"]
+        parts.append(f"{doses} dose{'s' if doses != 1 else ''}")
+    return "; ".join(parts)
 
 
 def page_with_tables(page: str) -> str:

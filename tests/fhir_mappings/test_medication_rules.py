@@ -289,3 +289,61 @@ def test_acetaminophen_inside_a_combination_counts_towards_its_daily_limit() -> 
     assert findings("Hydrocodone-acetaminophen 5-500 mg tablet", 2, 4) == ["dose:warning"]
     assert findings("Percocet 5/325 mg tablet", 1, 6) == []
     assert findings("Acetaminophen 500 mg tablet", 2, 3) == ["dose:critical"]
+
+
+def dosages(dose: float, unit: str, timing: dict[str, Any]) -> list[Any]:
+    order = {
+        "resourceType": "MedicationRequest",
+        "dosageInstruction": [
+            {"doseAndRate": [{"doseQuantity": {"value": dose, "unit": unit}}], "timing": timing}
+        ],
+    }
+    return read_resource(order).dosageInstruction
+
+
+@pytest.mark.parametrize(
+    ("timing", "daily", "period_days"),
+    [
+        ({"repeat": {"frequency": 1, "period": 48, "periodUnit": "h"}}, 375, 2),
+        ({"repeat": {"frequency": 1, "period": 2, "periodUnit": "d"}}, 375, 2),
+        ({"repeat": {"frequency": 2, "periodUnit": "d"}}, 1500, 1),  # no period: per one day
+        ({"code": {"coding": [{"code": "Q48H"}]}}, 375, 2),
+        ({"code": {"coding": [{"code": "QOD"}]}}, 375, 2),
+        ({"code": {"coding": [{"code": "Q12H"}]}}, 1500, 1),
+        ({"code": {"coding": [{"code": "WK"}]}}, 750 / 7, 7),
+    ],
+)
+def test_daily_dose_over_periods_longer_than_a_day(timing: dict[str, Any], daily: float, period_days) -> None:
+    dose = dose_amount(dosages(750, "mg", timing), ["Levofloxacin 750 MG Oral Tablet"])
+    assert dose.single == 750
+    assert dose.daily == pytest.approx(daily) and dose.period_days == period_days
+
+
+def test_international_units_have_a_mass_only_for_vitamin_d_and_are_never_a_tablet_count() -> None:
+    daily = {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}}
+    vitamin_d = 0.000025  # mg per IU
+    for unit in ("[iU]", "[IU]", "IU", "units", "UNT"):
+        dose = dose_amount(
+            dosages(50000, unit, daily), ["Ergocalciferol 50,000 unit capsule"], mg_per_unit=vitamin_d
+        )
+        assert dose.single == pytest.approx(1.25), unit
+    # Without a mass per unit (heparin, insulin) units are unknown, not capsules of the text's strength.
+    assert dose_amount(dosages(5000, "[iU]", daily), ["Heparin 5 mg capsule"]).single is None
+    # A capsule counts by the strength its text names, thousands separators and RxNorm's "UNT" included.
+    texts = ["Ergocalciferol 1.25 MG (50,000 UNT) Oral Capsule"]
+    assert dose_amount(dosages(1, "capsule", daily), texts, mg_per_unit=vitamin_d).single == pytest.approx(
+        1.25
+    )
+
+
+def test_a_dose_per_kg_counts_with_the_weight_and_never_as_a_count() -> None:
+    daily = {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}}
+    texts = ["Enoxaparin 40 mg syringe"]
+    dose = dose_amount(dosages(1, "mg/kg", daily), texts, weight_kg=82)
+    assert (dose.single, dose.daily, dose.daily_per_kg) == (82, 82, 1)
+    unknown = dose_amount(dosages(1, "mg/kg", daily), texts)
+    assert (unknown.single, unknown.daily, unknown.daily_per_kg) == (None, None, 1)
+    twice = dose_amount(
+        dosages(80, "mg", {"repeat": {"frequency": 2, "period": 1, "periodUnit": "d"}}), texts, weight_kg=80
+    )
+    assert twice.daily_per_kg == 2
