@@ -1,7 +1,9 @@
 """Model jobs as the API sees them: idempotent ids, a Redis job record, enqueue once, wait within the budget.
 
 A job's id hashes everything its result depends on, so the same unchanged record never enqueues twice and a
-finished result is one Redis read away. Redis may lose everything: a lost record is simply recomputed.
+finished result is one Redis read away. Redis may lose everything: a lost record (or half of one, left by a
+worker finishing after a restart) is recomputed under the same id, a worker finishing a lost record writes
+it whole, and a job whose worker died (its heartbeat expired) is queued again by the next hook for it.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ MODEL_JOBS_KEY = "mgcds:metrics:finished-jobs"
 CAPACITY_TTL_S = 1.0
 # Workers refresh a key per process every HEARTBEAT_S; one that stops for HEARTBEAT_TTL_S counts as gone.
 HEARTBEAT_PREFIX = "mgcds:worker:"
-HEARTBEAT_S = 10
-HEARTBEAT_TTL_S = 30
+HEARTBEAT_S = 5
+HEARTBEAT_TTL_S = 15
 
 
 def live_workers(redis_client: redis.Redis) -> dict[str, int]:
@@ -218,6 +220,10 @@ class JobStore:
     # background | none), first-call service ('' = not counted), trigger ('' = none), job id, then the names
     # of the record's fields to return (RECORD_FIELDS).
     _REQUEST = """
+    if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then
+        -- Half a record (a worker wrote to it after Redis lost the rest): missing, so made again.
+        redis.call('DEL', KEYS[1])
+    end
     local created = redis.call('HSETNX', KEYS[1], 'state', 'queued')
     if created == 1 then
         redis.call('HSET', KEYS[1], 'service_id', ARGV[1], 'task', ARGV[2], 'created_at', ARGV[3],
@@ -225,6 +231,14 @@ class JobStore:
         redis.call('EXPIRE', KEYS[1], ARGV[5])
         if ARGV[7] == 'background' then redis.call('SET', KEYS[3], 1, 'EX', ARGV[5]) end
         if ARGV[6] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[6]) end
+    elseif ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'state') == 'running' then
+        -- Running on a worker whose heartbeat is gone (it died): released, and queued again at once.
+        local beat = redis.call('HGET', KEYS[1], 'heartbeat')
+        if beat and redis.call('EXISTS', beat) == 0 then
+            redis.call('HSET', KEYS[1], 'state', 'queued')
+            redis.call('HDEL', KEYS[1], 'worker', 'heartbeat', 'started_at')
+            redis.call('LPUSH', KEYS[2], ARGV[6])
+        end
     elseif ARGV[7] == 'interactive' and redis.call('HGET', KEYS[1], 'state') == 'queued' then
         if redis.call('DEL', KEYS[3]) == 1 then redis.call('LPUSH', KEYS[2], ARGV[6]) end
     end
@@ -255,6 +269,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._box = Fernet(base64.urlsafe_b64encode(request_key))
         self._request = redis_client.register_script(self._REQUEST)
+        self._start = redis_client.register_script(self._START)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -338,15 +353,28 @@ class JobStore:
         values = self.redis.hmget(self.key(job_id), RECORD_FIELDS)
         return record_from(job_id, {k: v.decode() for k, v in zip(RECORD_FIELDS, values, strict=True) if v})
 
-    def start(self, job_id: str, worker: str) -> int:
-        """Mark a job running on ``worker``; return the attempt number (redeliveries count up)."""
-        key = self.key(job_id)
-        attempts = int(self.redis.hincrby(key, "attempts", 1))
-        self.redis.hset(key, mapping={"state": "running", "started_at": now_iso(), "worker": worker})
-        return attempts
+    # Only a whole record is started: after Redis lost it, a worker's start must not leave half of one.
+    _START = """
+    if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return 0 end
+    local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+    redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+    if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'heartbeat', ARGV[3]) end
+    return attempts
+    """
 
-    def finish(self, job_id: str, fields: dict[str, Any]) -> bool:
-        """Store a result once: a redelivered task that finishes again leaves the first result in place."""
+    def start(self, job_id: str, worker: str, heartbeat: str | None = None) -> int:
+        """Mark a job running on ``worker``; return the attempt number (redeliveries count up), 0 when the
+        record is gone. ``heartbeat`` is the key of the worker's heartbeat: once it expires, the next hook
+        for the job releases it (queued again) instead of waiting on a dead worker."""
+        return int(self._start(keys=[self.key(job_id)], args=[now_iso(), worker, heartbeat or ""]))
+
+    def finish(self, job_id: str, fields: dict[str, Any], identity: dict[str, str] | None = None) -> bool:
+        """Store a result once: a redelivered task that finishes again leaves the first result in place.
+
+        When Redis lost the record meanwhile (a restart), ``identity`` (its service id and task) makes it a
+        whole record again, so the result is found; without it nothing is written (a result with no record
+        would read as missing and block the recompute).
+        """
         key = self.key(job_id)
         # WATCH/MULTI makes "not done yet → write result" atomic against a concurrent redelivery.
         with self.redis.pipeline() as pipe:
@@ -356,7 +384,13 @@ class JobStore:
                     if pipe.hget(key, "state") in (b"done", b"failed"):
                         pipe.unwatch()
                         return False
+                    lost = not pipe.hexists(key, "created_at")
+                    if lost and identity is None:
+                        pipe.unwatch()
+                        return False
                     pipe.multi()
+                    if lost:
+                        pipe.hset(key, mapping={**(identity or {}), "created_at": now_iso(), "attempts": 1})
                     pipe.hset(key, mapping={**fields, "finished_at": now_iso()})
                     # The inputs (clinical text, images) go as the result arrives; only the result is kept.
                     pipe.hdel(key, "request")

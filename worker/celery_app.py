@@ -69,6 +69,15 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+_heartbeat_key: str | None = None
+
+
+def heartbeat_key() -> str | None:
+    """Return the key of this worker's heartbeat (None outside a worker): a job it runs names it, so a
+    hook can tell when the worker holding the job died."""
+    return _heartbeat_key
+
+
 def start_heartbeat(settings: Settings, queue: str, placement: str = "") -> Callable[[], None]:
     """Start a daemon thread that tells the API (``readyz``, the AI states) this worker is alive for
     ``queue``; return what ends it at a clean stop, so hooks say "unavailable" at once, not after the TTL.
@@ -80,6 +89,8 @@ def start_heartbeat(settings: Settings, queue: str, placement: str = "") -> Call
     fingerprint = key_fingerprint(settings)
 
     stopped = threading.Event()
+    global _heartbeat_key
+    _heartbeat_key = key  # prefork children inherit it: the jobs they run name this process's heartbeat
 
     def beat() -> None:
         while not stopped.is_set():

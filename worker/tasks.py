@@ -35,7 +35,11 @@ def run_model_job(settings: Settings, store: JobStore, job_id: str) -> None:
     record = store.get(job_id)
     if request is None or record is None or record.state in ("done", "failed"):
         return
-    attempts = store.start(job_id, worker=f"{socket.gethostname()}:{os.getpid()}")
+    from worker.celery_app import heartbeat_key
+
+    attempts = store.start(job_id, worker=f"{socket.gethostname()}:{os.getpid()}", heartbeat=heartbeat_key())
+    if attempts == 0:
+        return  # the record went (Redis lost it): the next hook asks again
     if attempts > MAX_ATTEMPTS:
         store.finish(job_id, {"state": "failed", "error": f"gave up after {MAX_ATTEMPTS} attempts"})
         return
@@ -55,7 +59,7 @@ def run_model_job(settings: Settings, store: JobStore, job_id: str) -> None:
         # The message may quote input data; the record keeps only the exception class.
         log.error("model job failed: %s", type(exc).__name__)
         fields = {"state": "failed", "error": f"model task failed ({type(exc).__name__})"}
-    store.finish(job_id, fields)
+    store.finish(job_id, fields, identity={"service_id": request.service_id, "task": request.task})
     log.info("model job finished", extra={"job": job_id[:12], "state": fields["state"], "attempt": attempts})
 
 
