@@ -184,10 +184,27 @@ def test_prefetch_lookups_and_feedback_counters(metrics_app: Flask, metrics_clie
         assert sample(samples, "medgemma_cds_feedback_total", outcome=outcome) == 1
 
 
-def test_counters_outside_a_request_are_ignored() -> None:
+def test_counters_outside_a_request_are_ignored(metrics_app: Flask) -> None:
+    client = metrics_app.test_client()
+
+    def counted() -> dict:
+        names = ("medgemma_cds_job_lookups_total", "medgemma_cds_feedback_total")
+        return {key: value for key, value in scrape(client).items() if key[0] in names}
+
+    before = counted()
+    # Called by code running outside any app (a worker, a script): no error, and no app counts them.
     observe_prefetch(0.1)
     count_job_lookup(hit=True)
     count_feedback("accepted")
+    assert counted() == before
+    with metrics_app.app_context():
+        count_job_lookup(hit=True)
+        count_feedback("accepted")
+    after = counted()
+    hits = sample(after, "medgemma_cds_job_lookups_total", result="hit")
+    assert hits == (sample(before, "medgemma_cds_job_lookups_total", result="hit") or 0) + 1
+    accepted = sample(after, "medgemma_cds_feedback_total", outcome="accepted")
+    assert accepted == (sample(before, "medgemma_cds_feedback_total", outcome="accepted") or 0) + 1
 
 
 def test_scrape_survives_redis_down(settings: Settings) -> None:

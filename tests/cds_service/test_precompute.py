@@ -152,8 +152,23 @@ def test_the_next_run_is_the_next_local_time() -> None:
 
 
 def test_a_daily_scheduler_catches_up_then_sweeps_each_morning(
-    settings: Settings, fhir_server: FhirServer, redis_client: redis.Redis
+    settings: Settings, fhir_server: FhirServer, redis_server: RedisServer
 ) -> None:
+    # A database of this test's own: the jobs its sweep asks for reach no model worker of the run.
+    redis_url = redis_server.new_database()
+    redis_client = redis.Redis.from_url(redis_url)
+    settings = settings.model_copy(update={"redis_url": redis_url})
+    # The second morning has a visit booked; the first none.
+    patient = fhir_server.patients["Trantow"]
+    fhir_server.post(
+        {
+            "resourceType": "Appointment",
+            "status": "booked",
+            "start": "2032-02-04T10:00:00+00:00",
+            "end": "2032-02-04T10:15:00+00:00",
+            "participant": [{"actor": {"reference": f"Patient/{patient}"}, "status": "accepted"}],
+        }
+    )
     clock = [datetime(2032, 2, 3, 9, 30, tzinfo=UTC)]  # started after 06:00: today's sweep runs at once
     beats: list[str | None] = []
 
@@ -167,7 +182,9 @@ def test_a_daily_scheduler_catches_up_then_sweeps_each_morning(
         now=lambda: clock[0], sleep=sleep, on_report=reports.append, days=1,
     )  # fmt: skip
     assert [r.day for r in reports] == [date(2032, 2, 3), date(2032, 2, 4)]
-    assert all(r.appointments == 0 and r.requested == 0 for r in reports)
+    assert (reports[0].appointments, reports[0].requested) == (0, 0)
+    # Each morning sweeps its own day: the visit booked for the 4th is asked for on the 4th.
+    assert (reports[1].appointments, reports[1].patients, reports[1].requested) == (1, 1, 1)
     # While waiting it beat in Redis with the time of its next sweep (its container healthcheck).
     assert beats and set(beats) == {"2032-02-04T06:00:00+00:00"}
     assert sweep_progress(redis_client)["day"] == "2032-02-04"
