@@ -62,6 +62,9 @@ FIRST_CALL_PREFIX = "mgcds:first-call:"
 ZERO_WAIT_KEY = "mgcds:metrics:zero-wait"
 # A failed job is kept briefly so a burst of hooks doesn't hammer a broken input, then retried.
 FAILED_TTL_S = 300
+#: A job still queued this long after its message was sent, with its queue empty and no precompute mark, has
+#: lost its message (taken by a worker that died before starting it, or dropped by Redis): it is sent again.
+QUEUED_GRACE_S = 30
 #: Redis hashes (field: model id) added to once per finished job; /metrics reads model tokens/s from them,
 #: and hooks the mean seconds a job takes (seconds / jobs) to judge whether waiting can pay off.
 MODEL_TOKENS_KEY = "mgcds:metrics:generated-tokens"
@@ -217,8 +220,8 @@ class JobStore:
     # /metrics, and the record's fields (never the request) for the caller.
     # KEYS: record, queue, precompute mark, first-call marker, zero-wait counts, precompute requests and
     # jobs. ARGV: service id, task, created at, sealed request, ttl, message ('' = none), mode (interactive |
-    # background | none), first-call service ('' = not counted), trigger ('' = none), job id, then the names
-    # of the record's fields to return (RECORD_FIELDS).
+    # background | none), first-call service ('' = not counted), trigger ('' = none), job id, now (epoch
+    # seconds), QUEUED_GRACE_S, then the names of the record's fields to return (RECORD_FIELDS).
     _REQUEST = """
     if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then
         -- Half a record (a worker wrote to it after Redis lost the rest): missing, so made again.
@@ -227,7 +230,7 @@ class JobStore:
     local created = redis.call('HSETNX', KEYS[1], 'state', 'queued')
     if created == 1 then
         redis.call('HSET', KEYS[1], 'service_id', ARGV[1], 'task', ARGV[2], 'created_at', ARGV[3],
-                   'attempts', 0, 'request', ARGV[4])
+                   'attempts', 0, 'request', ARGV[4], 'sent_at', ARGV[11])
         redis.call('EXPIRE', KEYS[1], ARGV[5])
         if ARGV[7] == 'background' then redis.call('SET', KEYS[3], 1, 'EX', ARGV[5]) end
         if ARGV[6] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[6]) end
@@ -235,14 +238,22 @@ class JobStore:
         -- Running on a worker whose heartbeat is gone (it died): released, and queued again at once.
         local beat = redis.call('HGET', KEYS[1], 'heartbeat')
         if beat and redis.call('EXISTS', beat) == 0 then
-            redis.call('HSET', KEYS[1], 'state', 'queued')
+            redis.call('HSET', KEYS[1], 'state', 'queued', 'sent_at', ARGV[11])
             redis.call('HDEL', KEYS[1], 'worker', 'heartbeat', 'started_at')
             redis.call('LPUSH', KEYS[2], ARGV[6])
         end
     elseif ARGV[7] == 'interactive' and redis.call('HGET', KEYS[1], 'state') == 'queued' then
-        if redis.call('DEL', KEYS[3]) == 1 then redis.call('LPUSH', KEYS[2], ARGV[6]) end
+        if redis.call('DEL', KEYS[3]) == 1 then
+            redis.call('LPUSH', KEYS[2], ARGV[6])
+            redis.call('HSET', KEYS[1], 'sent_at', ARGV[11])
+        elseif redis.call('LLEN', KEYS[2]) == 0
+            and ARGV[11] - (redis.call('HGET', KEYS[1], 'sent_at') or 0) > tonumber(ARGV[12]) then
+            -- Queued past the grace with nothing on its queue: its message is lost; sent again.
+            redis.call('LPUSH', KEYS[2], ARGV[6])
+            redis.call('HSET', KEYS[1], 'sent_at', ARGV[11])
+        end
     end
-    local fields = redis.call('HMGET', KEYS[1], unpack(ARGV, 11))
+    local fields = redis.call('HMGET', KEYS[1], unpack(ARGV, 13))
     local state = fields[1]
     local first = 0
     if ARGV[8] ~= '' and redis.call('SET', KEYS[4], 1, 'NX', 'EX', ARGV[5]) then
@@ -323,6 +334,8 @@ class JobStore:
                 first_call_service,
                 trigger,
                 job_id,
+                int(time.time()),
+                QUEUED_GRACE_S,
                 *RECORD_FIELDS,
             ],
         )

@@ -26,6 +26,7 @@ from support import service_env
 
 from cds_service.app import create_app
 from cds_service.jobs import HEARTBEAT_PREFIX
+from cds_service.jobs import QUEUED_GRACE_S
 from cds_service.jobs import QUEUES
 from cds_service.jobs import JobStore
 from cds_service.jobs import TaskMessages
@@ -127,6 +128,23 @@ def test_a_job_whose_worker_died_is_queued_again_by_the_next_hook(
     released = submit(store, job, messages).record
     assert released.state == "queued" and released.started_at is None
     assert client.llen(QUEUES["text"]) == 1  # sent again, for a live worker to take
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again_after_the_grace(
+    own_redis: RedisServer, messages: TaskMessages
+) -> None:
+    client = redis.Redis.from_url(own_redis.url)
+    store = JobStore(client, 600, request_key=KEY)
+    job = request(uuid.uuid4().hex)
+    submit(store, job, messages)
+    client.rpop(QUEUES["text"])  # taken by a worker that died before starting it
+    # Within the grace (a worker may be about to start it) nothing is sent again.
+    assert submit(store, job, messages).record.state == "queued" and client.llen(QUEUES["text"]) == 0
+    sent_at = int(client.hget(JobStore.key(job.job_id()), "sent_at"))
+    client.hset(JobStore.key(job.job_id()), "sent_at", sent_at - QUEUED_GRACE_S - 1)
+    assert submit(store, job, messages).record.state == "queued"
+    assert client.llen(QUEUES["text"]) == 1  # sent again, once
+    assert submit(store, job, messages).created is False and client.llen(QUEUES["text"]) == 1
 
 
 def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
