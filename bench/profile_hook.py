@@ -1,8 +1,8 @@
 """Prints where the time of one new-chart hook goes: auth, body parse, validation and prefetch reading,
 rules, the model job request, the audit, and serialising the answer (wall clock per phase).
 
-Run: ``.venv/bin/python bench/profile_hook.py [--calls 300]`` (Redis on 127.0.0.1:6379, database 12 is
-flushed; a temporary SQLite store). To profile another checkout of the project (e.g. the commit before a
+Run: ``.venv/bin/python bench/profile_hook.py [--calls 300]`` (a throw-away redis-server on a free port and
+a temporary SQLite store). To profile another checkout of the project (e.g. the commit before a
 change), run this file with that checkout first on the path: ``PYTHONPATH=/path/to/checkout``.
 
 patient-summary is called through Flask's test client with the demo patient's full prefetch, every call a
@@ -27,9 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
+from bench_hooks import redis_server
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
 #: Phase → (module, attribute path) of the function that does it, as the pipeline looks it up.
 PHASES = {
     "auth (JWT check)": ("cds_service.api", "authenticate"),
@@ -109,33 +108,34 @@ def main() -> None:
     from cds_service.app import create_app
     from cds_service.settings import Settings
 
-    sample = Path(sys.modules["cds_service"].__file__).resolve().parent / "data" / "sample"
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    workdir = Path(tempfile.mkdtemp(prefix="profile-hook-"))
-    settings = Settings(
-        auth_disabled=True,
-        redis_url=REDIS_URL,
-        database_url=f"sqlite:///{workdir / 'cds.db'}",
-        hook_budget_ms=0,
-    )
-    app = create_app(settings)
-    client = app.test_client()
-    try:
-        from cds_service.cli import tune_gc  # what `medgemma-cds serve` does in each worker, where it exists
-    except ImportError:
-        pass
-    else:
-        tune_gc()
-    bodies = new_chart_bodies(options.calls + 20, sample)
-    for body in bodies[:20]:  # warm-up: imports, connections, caches of code paths
-        assert client.post("/cds-services/patient-summary", json=body).status_code == 200
-    spent = dict.fromkeys(PHASES, 0.0)
-    instrument(spent)
-    started = time.perf_counter()
-    for body in bodies[20:]:
-        response = client.post("/cds-services/patient-summary", json=body)
-        assert response.status_code == 200, response.get_json()
-    wall_ms = (time.perf_counter() - started) * 1000 / options.calls
+    with redis_server() as redis_url:
+        sample = Path(sys.modules["cds_service"].__file__).resolve().parent / "data" / "sample"
+        workdir = Path(tempfile.mkdtemp(prefix="profile-hook-"))
+        settings = Settings(
+            auth_disabled=True,
+            redis_url=redis_url,
+            database_url=f"sqlite:///{workdir / 'cds.db'}",
+            hook_budget_ms=0,
+        )
+        app = create_app(settings)
+        client = app.test_client()
+        try:
+            # What `medgemma-cds serve` does in each worker, where it exists.
+            from cds_service.cli import tune_gc
+        except ImportError:
+            pass
+        else:
+            tune_gc()
+        bodies = new_chart_bodies(options.calls + 20, sample)
+        for body in bodies[:20]:  # warm-up: imports, connections, caches of code paths
+            assert client.post("/cds-services/patient-summary", json=body).status_code == 200
+        spent = dict.fromkeys(PHASES, 0.0)
+        instrument(spent)
+        started = time.perf_counter()
+        for body in bodies[20:]:
+            response = client.post("/cds-services/patient-summary", json=body)
+            assert response.status_code == 200, response.get_json()
+        wall_ms = (time.perf_counter() - started) * 1000 / options.calls
     print(f"checkout: {Path(sys.modules['cds_service'].__file__).resolve().parents[1]}")
     print(f"{options.calls} new-chart patient-summary calls, wall clock per call:")
     for phase, seconds in spent.items():
