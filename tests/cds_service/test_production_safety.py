@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from support import ROOT
 from support import SECRET_KEY
 from support import RedisServer
+from support import model_env
 from support import service_env
 
 from cds_service.app import create_app
@@ -179,11 +180,14 @@ def test_serve_worker_and_precompute_refuse_to_start_without_a_secret_key(comman
 
 
 def test_readyz_and_check_say_when_a_worker_has_another_secret_key(
-    settings: Settings, redis_server: RedisServer, issuer: Any, tmp_path: Path
+    settings: Settings, redis_server: RedisServer, issuer: Any, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     redis_url = redis_server.new_database()
     api = settings.model_copy(update={"redis_url": redis_url})
-    env = service_env(settings.database_url, redis_url, issuer, "http://cds.test")
+    # The worker checks its model's size against the device at start: the tiny checkpoint, as no hub answers.
+    env = service_env(
+        settings.database_url, redis_url, issuer, "http://cds.test", **model_env(tiny_model_dir)
+    )
     script = Path(sys.executable).parent / "medgemma-cds"
     log = tmp_path / "worker.log"
     worker = subprocess.Popen(
