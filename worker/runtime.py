@@ -326,7 +326,14 @@ def plan_placement(
     """
     torch_device = resolve_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    config = AutoConfig.from_pretrained(model_ref, revision=revision, token=hf_token)
+    try:
+        config = AutoConfig.from_pretrained(model_ref, revision=revision, token=hf_token)
+    except OSError as error:  # transformers' error for a model neither on disk, in the cache nor on a hub
+        raise PlacementError(
+            f"cannot read {model_identifier(model_ref)}'s config ({type(error).__name__}): point the model "
+            "setting (MEDGEMMA_CDS_TEXT_MODEL / MEDGEMMA_CDS_IMAGE_MODEL) at a local checkpoint folder, or "
+            "download the model into the Hugging Face cache first"
+        ) from None
     model_class = (
         AutoModelForImageTextToText
         if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING

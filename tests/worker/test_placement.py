@@ -55,3 +55,26 @@ def test_each_queue_has_its_own_device_and_falls_back_to_device() -> None:
     assert placed.model_of("text") == ("google/medgemma-27b-text-it", None, "cuda:1")
     assert placed.model_of("image") == ("google/medgemma-4b-it", None, "cuda:0")
     assert Settings(device="cpu").model_of("text")[2] == "cpu"
+
+
+def test_a_model_that_cannot_be_found_stops_the_worker_with_one_line(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MEDGEMMA_CDS_")} | {
+        "MEDGEMMA_CDS_TEXT_MODEL": str(tmp_path / "no-such-checkpoint"),
+        "MEDGEMMA_CDS_DEVICE": "cpu",
+        "MEDGEMMA_CDS_SECRET_KEY": secrets.token_urlsafe(32),
+        "MEDGEMMA_CDS_REDIS_URL": "redis://127.0.0.1:9/0",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "medgemma-cds"), "worker", "--queue", "text"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("medgemma-cds worker: cannot read no-such-checkpoint's config"), done.stderr
+    assert "MEDGEMMA_CDS_TEXT_MODEL" in error and "Traceback" not in done.stderr
