@@ -13,6 +13,23 @@ from transformers import Gemma3TextConfig
 from cds_service.settings import Settings
 
 
+def start_text_worker(**settings: str) -> subprocess.CompletedProcess[str]:
+    """Run a text worker with only these settings (and a secret) until it stops on its own."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MEDGEMMA_CDS_")} | {
+        "MEDGEMMA_CDS_SECRET_KEY": secrets.token_urlsafe(32),
+        # Nothing listens here: the worker must stop before it ever connects.
+        "MEDGEMMA_CDS_REDIS_URL": "redis://127.0.0.1:9/0",
+        **settings,
+    }
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "medgemma-cds"), "worker", "--queue", "text"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
 def test_a_model_larger_than_the_free_memory_stops_the_worker_with_a_clear_error(tmp_path: Path) -> None:
     # Only a config: the size check builds the model on the meta device, so no weight file is needed.
     folder = tmp_path / "oversized-gemma3"
@@ -25,21 +42,8 @@ def test_a_model_larger_than_the_free_memory_stops_the_worker_with_a_clear_error
         num_key_value_heads=8,
         head_dim=256,
     ).save_pretrained(folder)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MEDGEMMA_CDS_")} | {
-        "MEDGEMMA_CDS_TEXT_MODEL": str(folder),
-        "MEDGEMMA_CDS_DEVICE": "cuda",
-        "MEDGEMMA_CDS_TEXT_DEVICE": "cpu",
-        "MEDGEMMA_CDS_SECRET_KEY": secrets.token_urlsafe(32),
-        # Nothing listens here: the worker must stop before it ever connects.
-        "MEDGEMMA_CDS_REDIS_URL": "redis://127.0.0.1:9/0",
-    }
-
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "medgemma-cds"), "worker", "--queue", "text"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    done = start_text_worker(
+        MEDGEMMA_CDS_TEXT_MODEL=str(folder), MEDGEMMA_CDS_DEVICE="cuda", MEDGEMMA_CDS_TEXT_DEVICE="cpu"
     )
 
     assert done.returncode == 2, done.stdout + done.stderr
@@ -58,20 +62,10 @@ def test_each_queue_has_its_own_device_and_falls_back_to_device() -> None:
 
 
 def test_a_model_that_cannot_be_found_stops_the_worker_with_one_line(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MEDGEMMA_CDS_")} | {
-        "MEDGEMMA_CDS_TEXT_MODEL": str(tmp_path / "no-such-checkpoint"),
-        "MEDGEMMA_CDS_DEVICE": "cpu",
-        "MEDGEMMA_CDS_SECRET_KEY": secrets.token_urlsafe(32),
-        "MEDGEMMA_CDS_REDIS_URL": "redis://127.0.0.1:9/0",
-        "HF_HUB_OFFLINE": "1",
-    }
-
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "medgemma-cds"), "worker", "--queue", "text"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    done = start_text_worker(
+        MEDGEMMA_CDS_TEXT_MODEL=str(tmp_path / "no-such-checkpoint"),
+        MEDGEMMA_CDS_DEVICE="cpu",
+        HF_HUB_OFFLINE="1",
     )
 
     assert done.returncode == 2, done.stdout + done.stderr
