@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -342,3 +343,29 @@ def waiting(what: str) -> set[str]:
     queued or running with a live worker, unavailable without one (whether one runs depends on what the
     session started before)."""
     return {f"{what}: AI analysis {state}" for state in ("queued", "running", "unavailable")}
+
+
+@contextmanager
+def served_on_sqlite(
+    issuer: Issuer, redis_url: str, workdir: Path, **extra_env: str
+) -> Iterator[tuple[str, Path, Path]]:
+    """Run ``medgemma-cds serve`` with its default options on a SQLite file in ``workdir``; yield the URL, the
+    SQLite file and the log. ``extra_env`` adds settings or environment variables."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    database = workdir / "cds.db"
+    log_path = workdir / "serve.log"
+    env = service_env(f"sqlite:///{database}", redis_url, issuer, url, **extra_env)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port)],
+        env=env,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
+    try:
+        wait_for_http(f"{url}/healthz")
+        yield url, database, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=15)

@@ -11,8 +11,6 @@ the monitor's reports only.
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,9 +20,7 @@ import httpx
 import pytest
 from support import Issuer
 from support import RedisServer
-from support import free_port
-from support import service_env
-from support import wait_for_http
+from support import served_on_sqlite
 from test_served_under_load import SUMMARY
 from test_served_under_load import new_chart
 
@@ -38,30 +34,15 @@ def served(
     issuer: Issuer, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path, Path]]:
     """Serve with the default options and gevent's monitor thread; yield the URL, the SQLite file, the log."""
-    workdir = tmp_path_factory.mktemp("served-hub")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    database = workdir / "cds.db"
-    log_path = workdir / "serve.log"
-    env = service_env(f"sqlite:///{database}", redis_server.new_database(), issuer, url)
-    env |= {
-        "MEDGEMMA_CDS_AUTH_DISABLED": "true",
-        "GEVENT_MONITOR_THREAD_ENABLE": "true",
-        "GEVENT_MAX_BLOCKING_TIME": "2.0",
-    }
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port)],
-        env=env,
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        cwd=workdir,
-    )
-    try:
-        wait_for_http(f"{url}/healthz")
-        yield url, database, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with served_on_sqlite(
+        issuer,
+        redis_server.new_database(),
+        tmp_path_factory.mktemp("served-hub"),
+        MEDGEMMA_CDS_AUTH_DISABLED="true",
+        GEVENT_MONITOR_THREAD_ENABLE="true",
+        GEVENT_MAX_BLOCKING_TIME="2.0",
+    ) as served:
+        yield served
 
 
 def test_16_connections_of_new_charts_never_block_the_loop_even_with_the_audit_database_locked(

@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,10 +22,8 @@ import pytest
 from support import SAMPLE
 from support import Issuer
 from support import RedisServer
-from support import free_port
 from support import leaks_in_log
-from support import service_env
-from support import wait_for_http
+from support import served_on_sqlite
 
 SUMMARY = "/cds-services/patient-summary"
 
@@ -37,27 +33,8 @@ def served(
     issuer: Issuer, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path, Path]]:
     """Serve with the embedded defaults but auth on; yield the URL, the SQLite file and the log."""
-    workdir = tmp_path_factory.mktemp("served")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    database = workdir / "cds.db"
-    log_path = workdir / "serve.log"
-    redis_url = redis_server.new_database()
-    env = service_env(f"sqlite:///{database}", redis_url, issuer, url)
-    env.pop("MEDGEMMA_CDS_HOOK_BUDGET_MS", None)
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "medgemma-cds"), "serve", "--port", str(port)],
-        env=env,
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        cwd=workdir,
-    )
-    try:
-        wait_for_http(f"{url}/healthz")
-        yield url, database, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with served_on_sqlite(issuer, redis_server.new_database(), tmp_path_factory.mktemp("served")) as served:
+        yield served
 
 
 def new_chart(number: int) -> dict[str, Any]:
