@@ -369,14 +369,18 @@ def not_checked_card(what: str, against: str, why: str, *, indicator: str = "war
 
 
 def _read_as_card(checked: CheckedOrder) -> Card:
+    return _near_misspelling_card(
+        f"Read as {', '.join(n for _, n in checked.identity.read_as)}: {checked.name}",
+        f"The order's text was not a name this service knows; it was read as a near misspelling "
+        f"({md_text(_read_as(checked.identity))}) and checked as that. Correct the order if wrong.",
+    )
+
+
+def _near_misspelling_card(summary: str, detail: str) -> Card:
+    """An info card saying a medication name was read as a near misspelling of a known one."""
     return Card(
-        summary=plain_text(
-            f"Read as {', '.join(n for _, n in checked.identity.read_as)}: {checked.name}", 139
-        ),
-        detail=(
-            f"The order's text was not a name this service knows; it was read as a near misspelling "
-            f"({md_text(_read_as(checked.identity))}) and checked as that. Correct the order if wrong."
-        ),
+        summary=plain_text(summary, 139),
+        detail=detail,
         indicator="info",
         source=_source("read-as", "Medication name read as"),
         override_reasons=NOT_CHECKED_OVERRIDES,
@@ -590,15 +594,10 @@ def _active_medication_cards(checked: list[CheckedOrder], medications: Any) -> l
         )
     if read_as:
         cards.append(
-            Card(
-                summary=plain_text(f"Read as: active {'; '.join(read_as)}", 139),
-                detail=(
-                    f"Active medications not named as this service knows them were read as near misspellings "
-                    f"({md_text('; '.join(read_as))}) and checked as that. Correct the list if that is wrong."
-                ),
-                indicator="info",
-                source=_source("read-as", "Medication name read as"),
-                override_reasons=NOT_CHECKED_OVERRIDES,
+            _near_misspelling_card(
+                f"Read as: active {'; '.join(read_as)}",
+                f"Active medications not named as this service knows them were read as near misspellings "
+                f"({md_text('; '.join(read_as))}) and checked as that. Correct the list if that is wrong.",
             )
         )
     return cards

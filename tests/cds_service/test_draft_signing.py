@@ -5,19 +5,18 @@ A loopback FHIR server records what it is sent: the Patient read, the identifier
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
-from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 from support import ISSUER
+from support import FhirStubHandler
 from support import record_draft
 
 from cds_service.drafts import DraftService
@@ -44,18 +43,7 @@ def stub_fhir() -> Iterator[StubFhir]:
     state = StubFhir(url="")
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _answer(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(FhirStubHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             state.reads.append(self.path)
             if self.path.startswith("/fhir/Patient/"):

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
-from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -26,6 +25,7 @@ import psycopg
 import pytest
 from flask import Flask
 from support import PG_ADMIN_URL
+from support import FhirStubHandler
 from support import Issuer
 from support import postgres_database
 from support import record_draft
@@ -58,18 +58,7 @@ def ehr() -> Iterator[Ehr]:
     state = Ehr()
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _answer(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(FhirStubHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             if self.path.startswith("/fhir/Patient/"):
                 self._answer(200, {"resourceType": "Patient", "id": "p1"})
